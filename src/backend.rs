@@ -1,0 +1,441 @@
+//! Server connections: connect, TLS, log in, keep track of the server's parameters, reset.
+//!
+//! Control traffic here (login, `SET`, reset) is parsed with `postgres-protocol`; relayed client
+//! traffic never passes through this module's parsers.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use fallible_iterator::FallibleIterator;
+use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+use postgres_protocol::message::backend::Message;
+use postgres_protocol::message::frontend;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+
+use crate::config::ServerTlsMode;
+use crate::stream::{self, Stream};
+
+static NEXT_SERVER_ID: AtomicU64 = AtomicU64::new(1);
+
+/// Where a server connection goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerTarget {
+    pub node: Arc<str>,
+    pub host: String,
+    pub port: u16,
+}
+
+/// How pgswitch logs in to PostgreSQL for one pool.
+#[derive(Debug, Clone)]
+pub struct ServerLogin {
+    pub user: String,
+    pub password: Option<String>,
+    pub database: String,
+    pub tls: ServerTlsMode,
+    pub connect_timeout: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot connect to node {node} ({addr}): {source}")]
+    Connect {
+        node: Arc<str>,
+        addr: String,
+        source: io::Error,
+    },
+    #[error("timed out after {0:?} connecting to node {1}")]
+    Timeout(Duration, Arc<str>),
+    #[error("node {0} does not accept TLS (server_tls = require)")]
+    TlsRefused(Arc<str>),
+    #[error("TLS towards node {0}: {1}")]
+    Tls(Arc<str>, String),
+    #[error("{message}")]
+    Postgres {
+        severity: String,
+        code: String,
+        message: String,
+    },
+    #[error("node {0} asked for a password, but none is configured for user {1}")]
+    NoPassword(Arc<str>, String),
+    #[error("node {0} asked for an unsupported authentication method")]
+    UnsupportedAuth(Arc<str>),
+    #[error("protocol error from node {0}: {1}")]
+    Protocol(Arc<str>, String),
+    #[error("server connection lost: {0}")]
+    Io(#[from] io::Error),
+}
+
+impl ServerError {
+    /// The SQLSTATE a client sees for this failure.
+    pub fn sqlstate(&self) -> &str {
+        match self {
+            ServerError::Postgres { code, .. } => code,
+            ServerError::NoPassword(..) | ServerError::UnsupportedAuth(..) => "28000",
+            _ => "08006",
+        }
+    }
+}
+
+/// An open, logged-in connection to a PostgreSQL server.
+pub struct ServerConn {
+    pub id: u64,
+    pub target: ServerTarget,
+    pub stream: Stream,
+    /// The server's BackendKeyData, for cancel requests.
+    pub backend_pid: u32,
+    pub backend_secret: u32,
+    /// Values the server reported with ParameterStatus.
+    pub params: BTreeMap<String, String>,
+    /// Values pgswitch set on this connection that the server does not report.
+    pub applied: BTreeMap<String, String>,
+    /// Bytes the server sent after the last control exchange; owed to the next client.
+    pub pending: BytesMut,
+    pub created: Instant,
+    pub last_used: Instant,
+    /// Topology epoch the connection was opened in; a connection from an older epoch is closed.
+    pub epoch: u64,
+}
+
+impl std::fmt::Debug for ServerConn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "s{}@{}", self.id, self.target.node)
+    }
+}
+
+impl ServerConn {
+    /// Opens a TCP connection, negotiates TLS as configured, and logs in.
+    pub async fn connect(
+        target: &ServerTarget,
+        login: &ServerLogin,
+        epoch: u64,
+    ) -> Result<ServerConn, ServerError> {
+        match tokio::time::timeout(login.connect_timeout, Self::connect_inner(target, login, epoch))
+            .await
+        {
+            Ok(result) => result,
+            Err(_) => Err(ServerError::Timeout(
+                login.connect_timeout,
+                target.node.clone(),
+            )),
+        }
+    }
+
+    async fn connect_inner(
+        target: &ServerTarget,
+        login: &ServerLogin,
+        epoch: u64,
+    ) -> Result<ServerConn, ServerError> {
+        let addr = format!("{}:{}", target.host, target.port);
+        let tcp = TcpStream::connect(&addr)
+            .await
+            .map_err(|source| ServerError::Connect {
+                node: target.node.clone(),
+                addr: addr.clone(),
+                source,
+            })?;
+        stream::tune_server_socket(&tcp, login.connect_timeout.max(Duration::from_secs(5)));
+        let stream = negotiate_tls(tcp, target, login.tls).await?;
+        let mut conn = ServerConn {
+            id: NEXT_SERVER_ID.fetch_add(1, Ordering::Relaxed),
+            target: target.clone(),
+            stream,
+            backend_pid: 0,
+            backend_secret: 0,
+            params: BTreeMap::new(),
+            applied: BTreeMap::new(),
+            pending: BytesMut::new(),
+            created: Instant::now(),
+            last_used: Instant::now(),
+            epoch,
+        };
+        conn.login(login).await?;
+        Ok(conn)
+    }
+
+    async fn login(&mut self, login: &ServerLogin) -> Result<(), ServerError> {
+        let mut out = BytesMut::new();
+        frontend::startup_message(
+            [("user", login.user.as_str()), ("database", login.database.as_str())],
+            &mut out,
+        )?;
+        self.stream.write_all(&out).await?;
+        let mut buf = BytesMut::with_capacity(1024);
+        let mut scram: Option<ScramSha256> = None;
+        loop {
+            let message = self.read_message(&mut buf).await?;
+            out.clear();
+            match message {
+                Message::AuthenticationOk => {}
+                Message::AuthenticationCleartextPassword => {
+                    let password = self.password(login)?;
+                    frontend::password_message(password.as_bytes(), &mut out)?;
+                }
+                Message::AuthenticationMd5Password(body) => {
+                    let password = self.password(login)?;
+                    let hash = postgres_protocol::authentication::md5_hash(
+                        login.user.as_bytes(),
+                        password.as_bytes(),
+                        body.salt(),
+                    );
+                    frontend::password_message(hash.as_bytes(), &mut out)?;
+                }
+                Message::AuthenticationSasl(body) => {
+                    let mut mechanisms = body.mechanisms();
+                    let mut has_scram = false;
+                    while let Some(m) = mechanisms.next()? {
+                        has_scram |= m == "SCRAM-SHA-256";
+                    }
+                    if !has_scram {
+                        return Err(ServerError::UnsupportedAuth(self.target.node.clone()));
+                    }
+                    let password = self.password(login)?;
+                    let client = ScramSha256::new(password.as_bytes(), ChannelBinding::unsupported());
+                    frontend::sasl_initial_response("SCRAM-SHA-256", client.message(), &mut out)?;
+                    scram = Some(client);
+                }
+                Message::AuthenticationSaslContinue(body) => {
+                    let client = scram.as_mut().ok_or_else(|| self.protocol("unexpected SASL continue"))?;
+                    client.update(body.data())?;
+                    frontend::sasl_response(client.message(), &mut out)?;
+                }
+                Message::AuthenticationSaslFinal(body) => {
+                    let client = scram.as_mut().ok_or_else(|| self.protocol("unexpected SASL final"))?;
+                    client.finish(body.data())?;
+                }
+                Message::ParameterStatus(body) => {
+                    self.params
+                        .insert(body.name()?.to_string(), body.value()?.to_string());
+                }
+                Message::BackendKeyData(body) => {
+                    self.backend_pid = body.process_id() as u32;
+                    self.backend_secret = body.secret_key() as u32;
+                }
+                Message::ReadyForQuery(_) => {
+                    self.pending = buf;
+                    return Ok(());
+                }
+                Message::ErrorResponse(body) => return Err(postgres_error(body.fields())?),
+                Message::NoticeResponse(_) => {}
+                _ => {
+                    return Err(ServerError::UnsupportedAuth(self.target.node.clone()));
+                }
+            }
+            if !out.is_empty() {
+                self.stream.write_all(&out).await?;
+            }
+        }
+    }
+
+    fn password<'a>(&self, login: &'a ServerLogin) -> Result<&'a str, ServerError> {
+        login
+            .password
+            .as_deref()
+            .ok_or_else(|| ServerError::NoPassword(self.target.node.clone(), login.user.clone()))
+    }
+
+    fn protocol(&self, what: &str) -> ServerError {
+        ServerError::Protocol(self.target.node.clone(), what.to_string())
+    }
+
+    async fn read_message(&mut self, buf: &mut BytesMut) -> Result<Message, ServerError> {
+        loop {
+            if let Some(message) = Message::parse(buf)? {
+                return Ok(message);
+            }
+            if self.stream.read_buf(buf).await? == 0 {
+                return Err(ServerError::Io(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "server closed the connection",
+                )));
+            }
+        }
+    }
+
+    /// Runs a control query and waits for ReadyForQuery. ParameterStatus updates are recorded;
+    /// the first error, if any, is returned after the server is ready again.
+    pub async fn simple_query(&mut self, sql: &str) -> Result<(), ServerError> {
+        let mut out = BytesMut::new();
+        frontend::query(sql, &mut out)?;
+        self.stream.write_all(&out).await?;
+        let mut buf = std::mem::take(&mut self.pending);
+        let mut first_error = None;
+        loop {
+            match self.read_message(&mut buf).await? {
+                Message::ParameterStatus(body) => {
+                    self.params
+                        .insert(body.name()?.to_string(), body.value()?.to_string());
+                }
+                Message::ErrorResponse(body) => {
+                    let e = postgres_error(body.fields())?;
+                    first_error.get_or_insert(e);
+                }
+                Message::ReadyForQuery(_) => {
+                    self.pending = buf;
+                    self.last_used = Instant::now();
+                    return first_error.map_or(Ok(()), Err);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Makes the server's session parameters match what a client asked for, with one round trip
+    /// of `SET` commands for the values that differ.
+    pub async fn sync_params(&mut self, wanted: &[(String, String)]) -> Result<(), ServerError> {
+        let mut sql = String::new();
+        for (name, value) in wanted {
+            let current = self.params.get(name).or_else(|| self.applied.get(name));
+            if current == Some(value) {
+                continue;
+            }
+            sql.push_str(&format!("SET {} = {};", quote_ident(name), quote_literal(value)));
+        }
+        if sql.is_empty() {
+            return Ok(());
+        }
+        self.simple_query(&sql).await?;
+        for (name, value) in wanted {
+            if !self.params.contains_key(name) {
+                self.applied.insert(name.clone(), value.clone());
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs the reset query before the connection goes back to the pool.
+    pub async fn reset(&mut self, reset_query: &str) -> Result<(), ServerError> {
+        self.applied.clear();
+        if reset_query.is_empty() {
+            return Ok(());
+        }
+        self.simple_query(reset_query).await
+    }
+
+    /// True when the server closed the connection or sent something unsolicited while idle
+    /// (such as a FATAL before a shutdown): such a connection must not be handed out.
+    pub fn is_closed(&mut self) -> bool {
+        if !self.pending.is_empty() {
+            return true;
+        }
+        let mut probe = [0u8; 1];
+        let mut read_buf = ReadBuf::new(&mut probe);
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        match Pin::new(&mut self.stream).poll_read(&mut cx, &mut read_buf) {
+            Poll::Pending => false,
+            Poll::Ready(_) => true,
+        }
+    }
+
+    /// Sends Terminate and closes, best effort.
+    pub async fn close(mut self) {
+        let mut out = BytesMut::new();
+        frontend::terminate(&mut out);
+        let _ = tokio::time::timeout(Duration::from_millis(500), async {
+            let _ = self.stream.write_all(&out).await;
+            let _ = self.stream.shutdown().await;
+        })
+        .await;
+    }
+}
+
+async fn negotiate_tls(
+    mut tcp: TcpStream,
+    target: &ServerTarget,
+    mode: ServerTlsMode,
+) -> Result<Stream, ServerError> {
+    if mode == ServerTlsMode::Disable {
+        return Ok(Stream::Plain(tcp));
+    }
+    let mut out = BytesMut::new();
+    frontend::ssl_request(&mut out);
+    tcp.write_all(&out).await?;
+    let answer = tcp.read_u8().await?;
+    match (answer, mode) {
+        (b'S', _) => {
+            let tls_err = |e: String| ServerError::Tls(target.node.clone(), e);
+            let connector = stream::server_side_connector().map_err(|e| tls_err(e.to_string()))?;
+            let name = stream::server_name(&target.host).map_err(|e| tls_err(e.to_string()))?;
+            let tls = connector
+                .connect(name, tcp)
+                .await
+                .map_err(|e| tls_err(e.to_string()))?;
+            Ok(Stream::Connected(Box::new(tls)))
+        }
+        (b'N', ServerTlsMode::Prefer) => Ok(Stream::Plain(tcp)),
+        (b'N', _) => Err(ServerError::TlsRefused(target.node.clone())),
+        _ => Err(ServerError::Protocol(
+            target.node.clone(),
+            "unexpected answer to SSLRequest".into(),
+        )),
+    }
+}
+
+fn postgres_error(
+    mut fields: postgres_protocol::message::backend::ErrorFields<'_>,
+) -> Result<ServerError, io::Error> {
+    let mut severity = String::from("ERROR");
+    let mut code = String::from("XX000");
+    let mut message = String::new();
+    while let Some(field) = fields.next()? {
+        match field.type_() {
+            b'V' => severity = String::from_utf8_lossy(field.value_bytes()).into_owned(),
+            b'C' => code = String::from_utf8_lossy(field.value_bytes()).into_owned(),
+            b'M' => message = String::from_utf8_lossy(field.value_bytes()).into_owned(),
+            _ => {}
+        }
+    }
+    Ok(ServerError::Postgres {
+        severity,
+        code,
+        message,
+    })
+}
+
+/// Quotes an identifier for SQL (`"name"`), doubling embedded quotes.
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// Quotes a string literal for SQL with standard_conforming_strings semantics (`E''` is not
+/// needed because backslashes are escaped too).
+pub fn quote_literal(value: &str) -> String {
+    if value.contains('\\') {
+        format!("E'{}'", value.replace('\\', "\\\\").replace('\'', "''"))
+    } else {
+        format!("'{}'", value.replace('\'', "''"))
+    }
+}
+
+/// Sends a CancelRequest for a server backend, on a fresh connection as the protocol requires.
+pub async fn send_cancel(host: &str, port: u16, pid: u32, secret: u32) -> io::Result<()> {
+    let mut tcp = tokio::time::timeout(
+        Duration::from_secs(5),
+        TcpStream::connect((host, port)),
+    )
+    .await
+    .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "cancel connect timed out"))??;
+    tcp.write_all(&crate::wire::cancel_request(pid, secret)).await?;
+    // The server closes the connection once it has read the request.
+    let mut sink = [0u8; 16];
+    let _ = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut sink)).await;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn literals_and_identifiers_are_quoted() {
+        assert_eq!(quote_literal("it's"), "'it''s'");
+        assert_eq!(quote_literal("a\\b"), "E'a\\\\b'");
+        assert_eq!(quote_ident("Time\"Zone"), "\"Time\"\"Zone\"");
+    }
+}

@@ -1,0 +1,20 @@
+//! pgswitch: a PostgreSQL wire-protocol proxy with connection pooling and built-in failover.
+//!
+//! Data flows one way: client socket → `frontend` (TLS, startup, auth) → `pool` (a server
+//! connection to the current primary) → `session` relay loop → back. Beside it, `cluster`
+//! diagnoses the nodes and publishes a `Topology` that pools and sessions read.
+
+pub mod auth;
+pub mod backend;
+pub mod cancel;
+pub mod client_error;
+pub mod cluster;
+pub mod config;
+pub mod demo;
+pub mod frontend;
+pub mod harness;
+pub mod pool;
+pub mod server;
+pub mod session;
+pub mod stream;
+pub mod wire;

@@ -1,0 +1,89 @@
+//! The `pgswitch` command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use pgswitch::config::Config;
+
+#[derive(Parser)]
+#[command(name = "pgswitch", version, about = "PostgreSQL proxy with connection pooling and built-in failover")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy.
+    Run {
+        #[arg(long, env = "PGSWITCH_CONFIG")]
+        config: PathBuf,
+    },
+    /// Validate a config file and print the effective configuration.
+    CheckConfig {
+        #[arg(long, env = "PGSWITCH_CONFIG")]
+        config: PathBuf,
+    },
+    /// Start a local primary + 2 standbys with pgswitch in front, for a first look.
+    Demo {
+        /// Client port of the demo proxy.
+        #[arg(long, default_value_t = 6432)]
+        port: u16,
+    },
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PGSWITCH_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::CheckConfig { config } => match Config::load(&config) {
+            Ok(c) => {
+                print!("{}", c.to_effective_toml());
+                eprintln!("{}: OK", config.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{}: {e}", config.display());
+                ExitCode::FAILURE
+            }
+        },
+        Command::Run { config } => {
+            let config = match Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("{}: {e}", config.display());
+                    return ExitCode::FAILURE;
+                }
+            };
+            init_logging();
+            run_async(pgswitch::server::run_until_signal(config))
+        }
+        Command::Demo { port } => {
+            init_logging();
+            run_async(pgswitch::demo::run(port))
+        }
+    }
+}
+
+fn run_async(f: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(f) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("pgswitch: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

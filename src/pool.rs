@@ -1,0 +1,241 @@
+//! Per (user, database) pools of server connections to the current primary.
+//!
+//! A pool is a semaphore (its size) plus a stack of idle connections. Acquiring waits for a
+//! permit, then reuses the most recently used idle connection that still points at the current
+//! primary, or opens a new one. Dropping a `PooledServer` without `release` discards the
+//! connection: only a connection known to be clean goes back.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tracing::{debug, warn};
+
+use crate::backend::{ServerConn, ServerError, ServerLogin};
+use crate::cluster::ClusterView;
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct PoolKey {
+    pub user: String,
+    pub database: String,
+}
+
+impl std::fmt::Display for PoolKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.user, self.database)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error("no server connection available within {waited_ms} ms (pool {pool} has all {size} servers in use)")]
+    Timeout {
+        pool: PoolKey,
+        size: usize,
+        waited_ms: u128,
+    },
+    #[error("no primary available within {0} ms")]
+    NoPrimary(u128),
+    #[error(transparent)]
+    Server(#[from] ServerError),
+}
+
+/// Counters a pool keeps for status and metrics.
+#[derive(Debug, Default)]
+struct Counters {
+    waiting: AtomicUsize,
+    active: AtomicUsize,
+}
+
+pub struct Pool {
+    pub key: PoolKey,
+    login: ServerLogin,
+    size: usize,
+    permits: Arc<Semaphore>,
+    idle: Mutex<Vec<ServerConn>>,
+    counters: Counters,
+}
+
+/// A server connection checked out of a pool. Dropping it without `release` closes the
+/// socket: only a connection known to be clean goes back.
+pub struct PooledServer {
+    pub conn: ServerConn,
+    lease: Lease,
+}
+
+/// The slot a checked-out connection occupies in its pool.
+struct Lease {
+    pool: Arc<Pool>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.pool.counters.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl PooledServer {
+    /// Returns a clean, idle connection to the pool for reuse.
+    pub fn release(self) {
+        let PooledServer { mut conn, lease } = self;
+        conn.last_used = Instant::now();
+        lease.pool.lock_idle().push(conn);
+    }
+
+    /// Closes the connection (politely, in the background) and frees its slot.
+    pub fn discard(self) {
+        let PooledServer { conn, lease } = self;
+        debug!(server = conn.id, node = %conn.target.node, "closing server connection");
+        tokio::spawn(conn.close());
+        drop(lease);
+    }
+}
+
+/// A snapshot of one pool for `/status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct PoolStatus {
+    pub user: String,
+    pub database: String,
+    pub size: usize,
+    pub clients_waiting: usize,
+    pub servers_active: usize,
+    pub servers_idle: usize,
+}
+
+impl Pool {
+    pub fn new(key: PoolKey, login: ServerLogin, size: usize) -> Pool {
+        Pool {
+            key,
+            login,
+            size,
+            permits: Arc::new(Semaphore::new(size)),
+            idle: Mutex::new(Vec::new()),
+            counters: Counters::default(),
+        }
+    }
+
+    fn lock_idle(&self) -> MutexGuard<'_, Vec<ServerConn>> {
+        self.idle.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Checks out a server connection to the current primary, waiting at most `wait` for a
+    /// free slot and for a primary to exist.
+    pub async fn acquire(
+        self: &Arc<Self>,
+        cluster: &ClusterView,
+        wait: Duration,
+    ) -> Result<PooledServer, PoolError> {
+        let started = Instant::now();
+        self.counters.waiting.fetch_add(1, Ordering::Relaxed);
+        let permit = tokio::time::timeout(wait, self.permits.clone().acquire_owned()).await;
+        self.counters.waiting.fetch_sub(1, Ordering::Relaxed);
+        let permit = match permit {
+            Ok(Ok(permit)) => permit,
+            _ => {
+                return Err(PoolError::Timeout {
+                    pool: self.key.clone(),
+                    size: self.size,
+                    waited_ms: started.elapsed().as_millis(),
+                })
+            }
+        };
+        let remaining = wait.saturating_sub(started.elapsed());
+        let (target, epoch) = cluster
+            .wait_for_primary(remaining)
+            .await
+            .ok_or(PoolError::NoPrimary(wait.as_millis()))?;
+        self.counters.active.fetch_add(1, Ordering::Relaxed);
+        let lease = Lease {
+            pool: self.clone(),
+            _permit: permit,
+        };
+        loop {
+            let candidate = self.lock_idle().pop();
+            let Some(mut conn) = candidate else { break };
+            if conn.target == target && conn.epoch >= epoch && !conn.is_closed() {
+                return Ok(PooledServer { conn, lease });
+            }
+            debug!(server = conn.id, node = %conn.target.node, "discarding stale server connection");
+            tokio::spawn(conn.close());
+        }
+        match ServerConn::connect(&target, &self.login, epoch).await {
+            Ok(conn) => {
+                debug!(server = conn.id, node = %target.node, pool = %self.key, "server connection opened");
+                Ok(PooledServer { conn, lease })
+            }
+            Err(e) => {
+                if !matches!(e, ServerError::Postgres { .. }) {
+                    warn!(node = %target.node, pool = %self.key, error = %e, "cannot open server connection");
+                    cluster.report_server_failure();
+                }
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Closes idle connections unused for longer than `idle_timeout`.
+    pub fn close_idle(&self, idle_timeout: Duration) {
+        let now = Instant::now();
+        let expired: Vec<ServerConn> = {
+            let mut idle = self.lock_idle();
+            let (keep, expired): (Vec<_>, Vec<_>) = idle
+                .drain(..)
+                .partition(|c| now.duration_since(c.last_used) < idle_timeout);
+            *idle = keep;
+            expired
+        };
+        for conn in expired {
+            debug!(server = conn.id, node = %conn.target.node, "closing idle server connection");
+            tokio::spawn(conn.close());
+        }
+    }
+
+    pub fn status(&self) -> PoolStatus {
+        PoolStatus {
+            user: self.key.user.clone(),
+            database: self.key.database.clone(),
+            size: self.size,
+            clients_waiting: self.counters.waiting.load(Ordering::Relaxed),
+            servers_active: self.counters.active.load(Ordering::Relaxed),
+            servers_idle: self.lock_idle().len(),
+        }
+    }
+}
+
+/// All pools of the proxy, created on first use.
+#[derive(Default)]
+pub struct Pools {
+    pools: Mutex<HashMap<PoolKey, Arc<Pool>>>,
+}
+
+impl Pools {
+    pub fn get_or_create(&self, key: PoolKey, make: impl FnOnce(&PoolKey) -> Pool) -> Arc<Pool> {
+        let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
+        pools
+            .entry(key)
+            .or_insert_with_key(|k| Arc::new(make(k)))
+            .clone()
+    }
+
+    pub fn all(&self) -> Vec<Arc<Pool>> {
+        let pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
+        let mut all: Vec<_> = pools.values().cloned().collect();
+        all.sort_by(|a, b| a.key.cmp(&b.key));
+        all
+    }
+
+    /// Background task: closes idle server connections past `idle_timeout`.
+    pub async fn run_idle_reaper(self: Arc<Self>, idle_timeout: Duration) {
+        let tick = (idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(10));
+        loop {
+            tokio::time::sleep(tick).await;
+            for pool in self.all() {
+                pool.close_idle(idle_timeout);
+            }
+        }
+    }
+}

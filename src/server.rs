@@ -1,0 +1,106 @@
+//! Starting and stopping a whole pgswitch: control plane, pools, listener, graceful shutdown.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing::info;
+
+use crate::cluster::{ClusterView, Monitor};
+use crate::config::Config;
+use crate::frontend::{self, Proxy};
+use crate::stream;
+
+/// A running pgswitch.
+pub struct Running {
+    pub listen_addr: SocketAddr,
+    pub proxy: Arc<Proxy>,
+    pub cluster: ClusterView,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+/// Starts every part of pgswitch and returns once the client port is listening.
+pub async fn start(config: Config) -> anyhow::Result<Running> {
+    let config = Arc::new(config);
+    let tls = match &config.tls {
+        Some(t) => Some(stream::server_tls_acceptor(&t.cert, &t.key).context("tls")?),
+        None => None,
+    };
+    let (monitor, cluster) = Monitor::new(config.clone());
+    monitor.diagnose_all().await;
+    let mut tasks = vec![tokio::spawn(monitor.run())];
+    let proxy = Arc::new(Proxy::new(config.clone(), cluster.clone(), tls).context("users")?);
+    tasks.push(tokio::spawn(
+        proxy.pools.clone().run_idle_reaper(config.server_idle_timeout()),
+    ));
+    let addr = config.listen_addr()?;
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr}"))?;
+    let listen_addr = listener.local_addr()?;
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    tasks.push(tokio::spawn(frontend::serve(
+        listener,
+        proxy.clone(),
+        shutdown_rx,
+    )));
+    info!(%listen_addr, pool_mode = ?config.pool_mode, "pgswitch listening");
+    Ok(Running {
+        listen_addr,
+        proxy,
+        cluster,
+        shutdown,
+        tasks,
+    })
+}
+
+impl Running {
+    /// Stops accepting clients, lets sessions finish for up to `shutdown_timeout_ms`, then
+    /// stops everything.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        let deadline = Instant::now() + self.proxy.config.shutdown_timeout();
+        while self.proxy.client_count() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let left = self.proxy.client_count();
+        if left > 0 {
+            info!(clients = left, "shutdown timeout reached; closing remaining sessions");
+        }
+        for task in self.tasks {
+            task.abort();
+        }
+        info!("pgswitch stopped");
+    }
+}
+
+/// Runs until SIGTERM or SIGINT, then shuts down gracefully.
+pub async fn run_until_signal(config: Config) -> anyhow::Result<()> {
+    let running = start(config).await?;
+    wait_for_signal().await;
+    info!("shutdown requested");
+    running.shutdown().await;
+    Ok(())
+}
+
+pub async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    match (term, int) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
