@@ -37,6 +37,8 @@ pub struct Proxy {
     auth_method: AuthMethod,
     client_slots: Arc<Semaphore>,
     next_client_id: AtomicU64,
+    /// PgBouncer's PAUSE: while true, no new transaction gets a server (bounded by hold_ms).
+    paused: watch::Sender<bool>,
 }
 
 impl Proxy {
@@ -45,14 +47,27 @@ impl Proxy {
         cluster: ClusterView,
         tls: Option<tokio_rustls::TlsAcceptor>,
     ) -> Result<Proxy, AuthError> {
+        let auth_method = config.auth_method();
         let mut secrets = HashMap::new();
         for user in &config.users {
             if let Some(password) = &user.password {
-                secrets.insert(user.name.clone(), Secret::parse(&user.name, password)?);
+                let secret = match Secret::parse(&user.name, password)? {
+                    // Derive the SCRAM keys once, not on every login.
+                    Secret::Plain(p) if auth_method == AuthMethod::ScramSha256 => {
+                        let salt: [u8; auth::SCRAM_DEFAULT_SALT_LEN] = rand::random();
+                        Secret::Scram(auth::ScramVerifier::from_password(
+                            &p,
+                            &salt,
+                            auth::SCRAM_DEFAULT_ITERATIONS,
+                        ))
+                    }
+                    other => other,
+                };
+                secrets.insert(user.name.clone(), secret);
             }
         }
         Ok(Proxy {
-            auth_method: config.auth_method(),
+            auth_method,
             client_slots: Arc::new(Semaphore::new(config.max_client_connections)),
             config,
             pools: Arc::new(Pools::default()),
@@ -61,7 +76,31 @@ impl Proxy {
             tls,
             secrets,
             next_client_id: AtomicU64::new(1),
+            paused: watch::Sender::new(false),
         })
+    }
+
+    /// Holds new transactions until `resume` (the admin API's `POST /pause`).
+    pub fn pause(&self) {
+        self.paused.send_replace(true);
+        info!("paused: new transactions wait for resume");
+    }
+
+    pub fn resume(&self) {
+        self.paused.send_replace(false);
+        info!("resumed");
+    }
+
+    pub fn is_paused(&self) -> bool {
+        *self.paused.borrow()
+    }
+
+    /// Waits while paused, at most `limit`; false if still paused afterwards.
+    pub async fn wait_unpaused(&self, limit: Duration) -> bool {
+        let mut rx = self.paused.subscribe();
+        tokio::time::timeout(limit, rx.wait_for(|paused| !paused))
+            .await
+            .is_ok_and(|r| r.is_ok())
     }
 
     /// Number of clients logged in or logging in.

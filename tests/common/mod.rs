@@ -1,0 +1,89 @@
+//! Shared support for integration tests: a real PostgreSQL cluster with pgswitch in front,
+//! running in the test's own tokio runtime.
+#![allow(dead_code)]
+
+use pgswitch::config::Config;
+use pgswitch::demo::demo_config;
+use pgswitch::harness::{ClusterSpec, PgCluster};
+use pgswitch::server::Running;
+
+pub const USER: &str = "app";
+pub const PASSWORD: &str = "secret";
+
+/// A cluster and a pgswitch in front of it; both stop when dropped (the proxy's tasks end with
+/// the test's runtime, the cluster in its `Drop`).
+pub struct TestEnv {
+    pub proxy: Running,
+    pub cluster: PgCluster,
+}
+
+/// Logs to the test's output when `PGSWITCH_LOG` is set (e.g. `PGSWITCH_LOG=debug`).
+pub fn init_logging() {
+    if let Ok(filter) = std::env::var("PGSWITCH_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_test_writer()
+            .try_init();
+    }
+}
+
+/// The config the demo uses, on a free client port, changed by `tweak`.
+pub fn config_for(cluster: &PgCluster, tweak: impl FnOnce(&mut Config)) -> Config {
+    let admin = pgswitch::harness::free_port().expect("free port");
+    let text = demo_config(cluster, 0, admin);
+    let mut config = Config::parse(&text).expect("demo config is valid");
+    config.listen = "127.0.0.1:0".into();
+    tweak(&mut config);
+    config
+}
+
+impl TestEnv {
+    /// Starts a cluster per `spec` and a pgswitch configured by `tweak`.
+    pub async fn start(spec: ClusterSpec, tweak: impl FnOnce(&mut Config)) -> TestEnv {
+        init_logging();
+        let cluster = tokio::task::spawn_blocking(move || PgCluster::start(&spec))
+            .await
+            .expect("cluster task")
+            .unwrap_or_else(|e| panic!("cannot start the PostgreSQL cluster: {e:#}"));
+        let config = config_for(&cluster, tweak);
+        let proxy = pgswitch::server::start(config).await.expect("pgswitch starts");
+        TestEnv { proxy, cluster }
+    }
+
+    /// Session-mode pgswitch in front of a primary and one standby.
+    pub async fn session_mode() -> TestEnv {
+        Self::start(
+            ClusterSpec {
+                standbys: 1,
+                ..ClusterSpec::default()
+            },
+            |c| c.pool_mode = pgswitch::config::PoolMode::Session,
+        )
+        .await
+    }
+
+    pub fn port(&self) -> u16 {
+        self.proxy.listen_addr.port()
+    }
+
+    /// A libpq connection string through pgswitch.
+    pub fn dsn(&self, user: &str, password: &str) -> String {
+        format!(
+            "host=127.0.0.1 port={} user={user} password={password} dbname=postgres",
+            self.port()
+        )
+    }
+
+    pub fn app_dsn(&self) -> String {
+        self.dsn(USER, PASSWORD)
+    }
+
+    /// Connects with tokio-postgres through pgswitch.
+    pub async fn connect(&self) -> tokio_postgres::Client {
+        let (client, connection) = tokio_postgres::connect(&self.app_dsn(), tokio_postgres::NoTls)
+            .await
+            .expect("connect through pgswitch");
+        tokio::spawn(connection);
+        client
+    }
+}
