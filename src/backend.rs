@@ -8,7 +8,7 @@ use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::Context;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
@@ -20,6 +20,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::config::ServerTlsMode;
+use crate::prepared::ServerStatements;
 use crate::stream::{self, Stream};
 
 static NEXT_SERVER_ID: AtomicU64 = AtomicU64::new(1);
@@ -97,6 +98,8 @@ pub struct ServerConn {
     pub applied: BTreeMap<String, String>,
     /// Bytes the server sent after the last control exchange; owed to the next client.
     pub pending: BytesMut,
+    /// Transaction mode: the pgswitch-named prepared statements that exist on this server.
+    pub statements: ServerStatements,
     pub created: Instant,
     pub last_used: Instant,
     /// Topology epoch the connection was opened in; a connection from an older epoch is closed.
@@ -116,8 +119,11 @@ impl ServerConn {
         login: &ServerLogin,
         epoch: u64,
     ) -> Result<ServerConn, ServerError> {
-        match tokio::time::timeout(login.connect_timeout, Self::connect_inner(target, login, epoch))
-            .await
+        match tokio::time::timeout(
+            login.connect_timeout,
+            Self::connect_inner(target, login, epoch),
+        )
+        .await
         {
             Ok(result) => result,
             Err(_) => Err(ServerError::Timeout(
@@ -151,6 +157,7 @@ impl ServerConn {
             params: BTreeMap::new(),
             applied: BTreeMap::new(),
             pending: BytesMut::new(),
+            statements: ServerStatements::default(),
             created: Instant::now(),
             last_used: Instant::now(),
             epoch,
@@ -162,7 +169,10 @@ impl ServerConn {
     async fn login(&mut self, login: &ServerLogin) -> Result<(), ServerError> {
         let mut out = BytesMut::new();
         frontend::startup_message(
-            [("user", login.user.as_str()), ("database", login.database.as_str())],
+            [
+                ("user", login.user.as_str()),
+                ("database", login.database.as_str()),
+            ],
             &mut out,
         )?;
         self.stream.write_all(&out).await?;
@@ -196,17 +206,22 @@ impl ServerConn {
                         return Err(ServerError::UnsupportedAuth(self.target.node.clone()));
                     }
                     let password = self.password(login)?;
-                    let client = ScramSha256::new(password.as_bytes(), ChannelBinding::unsupported());
+                    let client =
+                        ScramSha256::new(password.as_bytes(), ChannelBinding::unsupported());
                     frontend::sasl_initial_response("SCRAM-SHA-256", client.message(), &mut out)?;
                     scram = Some(client);
                 }
                 Message::AuthenticationSaslContinue(body) => {
-                    let client = scram.as_mut().ok_or_else(|| self.protocol("unexpected SASL continue"))?;
+                    let client = scram
+                        .as_mut()
+                        .ok_or_else(|| self.protocol("unexpected SASL continue"))?;
                     client.update(body.data())?;
                     frontend::sasl_response(client.message(), &mut out)?;
                 }
                 Message::AuthenticationSaslFinal(body) => {
-                    let client = scram.as_mut().ok_or_else(|| self.protocol("unexpected SASL final"))?;
+                    let client = scram
+                        .as_mut()
+                        .ok_or_else(|| self.protocol("unexpected SASL final"))?;
                     client.finish(body.data())?;
                 }
                 Message::ParameterStatus(body) => {
@@ -287,31 +302,46 @@ impl ServerConn {
     }
 
     /// Makes the server's session parameters match what a client asked for, with one round trip
-    /// of `SET` commands for the values that differ.
+    /// of `set_config` calls for the values that differ. `set_config` parses a value the way
+    /// a startup packet does, so list settings (`search_path = 'a,b'`) keep their meaning.
     pub async fn sync_params(&mut self, wanted: &[(String, String)]) -> Result<(), ServerError> {
-        let mut sql = String::new();
+        let mut calls = Vec::new();
         for (name, value) in wanted {
-            let current = self.params.get(name).or_else(|| self.applied.get(name));
-            if current == Some(value) {
+            if self.current_param(name) == Some(value.as_str()) {
                 continue;
             }
-            sql.push_str(&format!("SET {} = {};", quote_ident(name), quote_literal(value)));
+            calls.push(format!(
+                "pg_catalog.set_config({}, {}, false)",
+                quote_literal(name),
+                quote_literal(value)
+            ));
         }
-        if sql.is_empty() {
+        if calls.is_empty() {
             return Ok(());
         }
-        self.simple_query(&sql).await?;
+        self.simple_query(&format!("SELECT {}", calls.join(", ")))
+            .await?;
         for (name, value) in wanted {
-            if !self.params.contains_key(name) {
+            if !self.params.keys().any(|k| k.eq_ignore_ascii_case(name)) {
                 self.applied.insert(name.clone(), value.clone());
             }
         }
         Ok(())
     }
 
+    /// The value a session parameter has on this connection, as far as pgswitch knows.
+    fn current_param(&self, name: &str) -> Option<&str> {
+        self.params
+            .iter()
+            .chain(self.applied.iter())
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
     /// Runs the reset query before the connection goes back to the pool.
     pub async fn reset(&mut self, reset_query: &str) -> Result<(), ServerError> {
         self.applied.clear();
+        self.statements.clear();
         if reset_query.is_empty() {
             return Ok(());
         }
@@ -327,10 +357,9 @@ impl ServerConn {
         let mut probe = [0u8; 1];
         let mut read_buf = ReadBuf::new(&mut probe);
         let mut cx = Context::from_waker(std::task::Waker::noop());
-        match Pin::new(&mut self.stream).poll_read(&mut cx, &mut read_buf) {
-            Poll::Pending => false,
-            Poll::Ready(_) => true,
-        }
+        Pin::new(&mut self.stream)
+            .poll_read(&mut cx, &mut read_buf)
+            .is_ready()
     }
 
     /// Sends Terminate and closes, best effort.
@@ -398,11 +427,6 @@ fn postgres_error(
     })
 }
 
-/// Quotes an identifier for SQL (`"name"`), doubling embedded quotes.
-pub fn quote_ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
-
 /// Quotes a string literal for SQL with standard_conforming_strings semantics (`E''` is not
 /// needed because backslashes are escaped too).
 pub fn quote_literal(value: &str) -> String {
@@ -415,13 +439,11 @@ pub fn quote_literal(value: &str) -> String {
 
 /// Sends a CancelRequest for a server backend, on a fresh connection as the protocol requires.
 pub async fn send_cancel(host: &str, port: u16, pid: u32, secret: u32) -> io::Result<()> {
-    let mut tcp = tokio::time::timeout(
-        Duration::from_secs(5),
-        TcpStream::connect((host, port)),
-    )
-    .await
-    .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "cancel connect timed out"))??;
-    tcp.write_all(&crate::wire::cancel_request(pid, secret)).await?;
+    let mut tcp = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect((host, port)))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "cancel connect timed out"))??;
+    tcp.write_all(&crate::wire::cancel_request(pid, secret))
+        .await?;
     // The server closes the connection once it has read the request.
     let mut sink = [0u8; 16];
     let _ = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut sink)).await;
@@ -433,9 +455,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn literals_and_identifiers_are_quoted() {
+    fn literals_are_quoted() {
         assert_eq!(quote_literal("it's"), "'it''s'");
         assert_eq!(quote_literal("a\\b"), "E'a\\\\b'");
-        assert_eq!(quote_ident("Time\"Zone"), "\"Time\"\"Zone\"");
     }
 }

@@ -104,7 +104,10 @@ impl CancelRegistry {
             }
         };
         let Some(t) = target else {
-            debug!(pid, "cancel request with unknown keys or no running query ignored");
+            debug!(
+                pid,
+                "cancel request with unknown keys or no running query ignored"
+            );
             return;
         };
         info!(pid, server_pid = t.pid, host = %t.host, port = t.port, "forwarding cancel request");

@@ -76,13 +76,23 @@ impl ClientError {
         )
     }
 
+    pub fn no_server_while_paused() -> ClientError {
+        Self::new(
+            Severity::Error,
+            "57P03",
+            "pgswitch is paused and was not resumed within failover.hold_ms",
+        )
+    }
+
     pub fn shutting_down() -> ClientError {
         Self::new(Severity::Fatal, "57P01", "pgswitch is shutting down")
     }
 
     pub fn from_server(e: &ServerError, severity: Severity) -> ClientError {
         match e {
-            ServerError::Postgres { code, message, .. } => Self::new(severity, code, message.as_str()),
+            ServerError::Postgres { code, message, .. } => {
+                Self::new(severity, code, message.as_str())
+            }
             other => Self::new(severity, other.sqlstate(), other.to_string()),
         }
     }

@@ -212,7 +212,11 @@ struct Diagnosis {
     latency: Duration,
 }
 
-async fn diagnose(node: &NodeConfig, config: &Config, timeout: Duration) -> Result<Diagnosis, String> {
+async fn diagnose(
+    node: &NodeConfig,
+    config: &Config,
+    timeout: Duration,
+) -> Result<Diagnosis, String> {
     let started = Instant::now();
     let work = async {
         let mut pg = tokio_postgres::Config::new();
@@ -225,7 +229,10 @@ async fn diagnose(node: &NodeConfig, config: &Config, timeout: Duration) -> Resu
         if !config.control.password.is_empty() {
             pg.password(&config.control.password);
         }
-        let (client, connection) = pg.connect(tokio_postgres::NoTls).await.map_err(|e| e.to_string())?;
+        let (client, connection) = pg
+            .connect(tokio_postgres::NoTls)
+            .await
+            .map_err(|e| e.to_string())?;
         let driver = tokio::spawn(connection);
         let row = client
             .query_one(
@@ -243,7 +250,11 @@ async fn diagnose(node: &NodeConfig, config: &Config, timeout: Duration) -> Resu
         let in_recovery: bool = row.get(0);
         let timeline: Option<i32> = row.get(1);
         Ok(Diagnosis {
-            role: if in_recovery { Role::Standby } else { Role::Primary },
+            role: if in_recovery {
+                Role::Standby
+            } else {
+                Role::Primary
+            },
             timeline: timeline.map(|t| t as u32),
             lsn: row.get(2),
             replay_lsn: row.get(3),

@@ -88,6 +88,17 @@ pub struct Config {
     /// Query run on a server connection before it goes back to the pool (session mode).
     #[serde(default = "defaults::server_reset_query")]
     pub server_reset_query: String,
+    /// Transaction mode: prepared statements kept per server connection (least recently used
+    /// are closed beyond this).
+    #[serde(default = "defaults::prepared_statement_cache_size")]
+    pub prepared_statement_cache_size: usize,
+    /// Transaction mode: session parameters, beyond the built-in list, whose value each client
+    /// keeps across server connections (the server must report them with ParameterStatus).
+    #[serde(default)]
+    pub track_extra_params: Vec<String>,
+    /// Bearer token required by the admin API's changing endpoints (POST); empty = none.
+    #[serde(default)]
+    pub admin_token: String,
     #[serde(default)]
     pub tls: Option<TlsConfig>,
     #[serde(default)]
@@ -283,6 +294,9 @@ mod defaults {
     pub fn server_tls() -> ServerTlsMode {
         ServerTlsMode::Disable
     }
+    pub fn prepared_statement_cache_size() -> usize {
+        256
+    }
     pub fn server_reset_query() -> String {
         "DISCARD ALL".into()
     }
@@ -357,6 +371,12 @@ impl Config {
             .auth_type
             .parse::<AuthMethod>()
             .map_err(|e| invalid("auth_type", e.to_string()))?;
+        if self.prepared_statement_cache_size == 0 {
+            return Err(invalid(
+                "prepared_statement_cache_size",
+                "must be at least 1",
+            ));
+        }
         if self.max_message_bytes < 1024 {
             return Err(invalid("max_message_bytes", "must be at least 1024"));
         }
@@ -383,10 +403,7 @@ impl Config {
             }
         }
         if self.users.is_empty() {
-            return Err(invalid(
-                "users",
-                "at least one [[users]] entry is required",
-            ));
+            return Err(invalid("users", "at least one [[users]] entry is required"));
         }
         let mut names = HashSet::new();
         for (i, user) in self.users.iter().enumerate() {
@@ -455,12 +472,18 @@ impl Config {
                 return Err(invalid(format!("{key}.host"), "must not be empty"));
             }
             if node.port == 0 {
-                return Err(invalid(format!("{key}.port"), "must be between 1 and 65535"));
+                return Err(invalid(
+                    format!("{key}.port"),
+                    "must be between 1 and 65535",
+                ));
             }
             if !endpoints.insert((node.host.as_str(), node.port)) {
                 return Err(invalid(
                     format!("{key}.port"),
-                    format!("{}:{} is already used by another node", node.host, node.port),
+                    format!(
+                        "{}:{} is already used by another node",
+                        node.host, node.port
+                    ),
                 ));
             }
         }
@@ -472,7 +495,10 @@ impl Config {
                 ));
             }
             if self.coordination.lease_ttl_ms < 1000 {
-                return Err(invalid("coordination.lease_ttl_ms", "must be at least 1000"));
+                return Err(invalid(
+                    "coordination.lease_ttl_ms",
+                    "must be at least 1000",
+                ));
             }
         }
         Ok(())
@@ -531,6 +557,9 @@ impl Config {
                 user.server_password = Some("********".into());
             }
         }
+        if !shown.admin_token.is_empty() {
+            shown.admin_token = "********".into();
+        }
         if !shown.control.password.is_empty() {
             shown.control.password = "********".into();
         }
@@ -586,7 +615,9 @@ port = 5432
 "#;
 
     fn err(text: &str) -> String {
-        Config::parse(text).expect_err("config must be rejected").to_string()
+        Config::parse(text)
+            .expect_err("config must be rejected")
+            .to_string()
     }
 
     #[test]
@@ -616,13 +647,21 @@ port = 5432
         let e = err(&format!(
             "{MINIMAL}\n[[nodes]]\nname = \"n0\"\nhost = \"127.0.0.1\"\nport = 5433\n"
         ));
-        assert!(e.contains("nodes[1].name") && e.contains("duplicate"), "{e}");
+        assert!(
+            e.contains("nodes[1].name") && e.contains("duplicate"),
+            "{e}"
+        );
     }
 
     #[test]
     fn duplicate_user_is_named() {
-        let e = err(&format!("{MINIMAL}\n[[users]]\nname = \"app\"\npassword = \"x\"\n"));
-        assert!(e.contains("users[1].name") && e.contains("duplicate"), "{e}");
+        let e = err(&format!(
+            "{MINIMAL}\n[[users]]\nname = \"app\"\npassword = \"x\"\n"
+        ));
+        assert!(
+            e.contains("users[1].name") && e.contains("duplicate"),
+            "{e}"
+        );
     }
 
     #[test]

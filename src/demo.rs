@@ -64,7 +64,9 @@ pub async fn run(port: u16) -> anyhow::Result<()> {
     crate::server::wait_for_signal().await;
     println!("stopping pgswitch and the cluster...");
     running.shutdown().await;
-    tokio::task::spawn_blocking(move || drop(cluster)).await.ok();
+    tokio::task::spawn_blocking(move || drop(cluster))
+        .await
+        .ok();
     println!("stopped.");
     Ok(())
 }

@@ -177,7 +177,11 @@ pub async fn refuse(stream: &mut Stream, error: &ClientError) {
 
 /// Reads startup packets until a StartupMessage, handling SSL/GSS requests and cancels.
 /// Returns `None` when the connection is done (cancel, refused, or gone).
-async fn login(proxy: &Proxy, tcp: TcpStream, slot: Option<OwnedSemaphorePermit>) -> Option<LoggedIn> {
+async fn login(
+    proxy: &Proxy,
+    tcp: TcpStream,
+    slot: Option<OwnedSemaphorePermit>,
+) -> Option<LoggedIn> {
     let mut stream = Stream::Plain(tcp);
     let mut buf = BytesMut::with_capacity(256);
     let startup = loop {
@@ -194,12 +198,20 @@ async fn login(proxy: &Proxy, tcp: TcpStream, slot: Option<OwnedSemaphorePermit>
             StartupPacket::SslRequest => {
                 if !buf.is_empty() {
                     // Bytes sent before the TLS handshake could be injected by a man in the middle.
-                    refuse(&mut stream, &ClientError::protocol_violation("received unencrypted data after SSL request")).await;
+                    refuse(
+                        &mut stream,
+                        &ClientError::protocol_violation(
+                            "received unencrypted data after SSL request",
+                        ),
+                    )
+                    .await;
                     return None;
                 }
                 match (&stream, &proxy.tls) {
                     (Stream::Plain(_), Some(acceptor)) => {
-                        let Stream::Plain(mut tcp) = stream else { return None };
+                        let Stream::Plain(mut tcp) = stream else {
+                            return None;
+                        };
                         tcp.write_all(b"S").await.ok()?;
                         match acceptor.accept(tcp).await {
                             Ok(tls) => stream = Stream::Accepted(Box::new(tls)),
@@ -211,7 +223,13 @@ async fn login(proxy: &Proxy, tcp: TcpStream, slot: Option<OwnedSemaphorePermit>
                     }
                     (Stream::Plain(_), None) => stream.write_all(b"N").await.ok()?,
                     _ => {
-                        refuse(&mut stream, &ClientError::protocol_violation("SSL request on an encrypted connection")).await;
+                        refuse(
+                            &mut stream,
+                            &ClientError::protocol_violation(
+                                "SSL request on an encrypted connection",
+                            ),
+                        )
+                        .await;
                         return None;
                     }
                 }
@@ -264,7 +282,10 @@ async fn login(proxy: &Proxy, tcp: TcpStream, slot: Option<OwnedSemaphorePermit>
     })
 }
 
-async fn read_startup(stream: &mut Stream, buf: &mut BytesMut) -> Result<Option<StartupPacket>, WireError> {
+async fn read_startup(
+    stream: &mut Stream,
+    buf: &mut BytesMut,
+) -> Result<Option<StartupPacket>, WireError> {
     loop {
         if let Some((packet, len)) = wire::parse_startup(buf)? {
             let _ = buf.split_to(len);
@@ -277,9 +298,12 @@ async fn read_startup(stream: &mut Stream, buf: &mut BytesMut) -> Result<Option<
     }
 }
 
+/// User, database, and the settings to apply on server connections.
+type SessionParams = (String, String, Vec<(String, String)>);
+
 /// The user, database, and the parameters to set on server connections, from the startup
 /// message: `options` is unpacked into its `-c name=value` settings.
-fn session_params(startup: &StartupMessage) -> Result<(String, String, Vec<(String, String)>), ClientError> {
+fn session_params(startup: &StartupMessage) -> Result<SessionParams, ClientError> {
     let user = match startup.param("user") {
         Some(u) if !u.is_empty() => u.to_string(),
         _ => return Err(ClientError::no_user_name()),
@@ -343,21 +367,26 @@ fn parse_options(options: &str) -> Result<Vec<(String, String)>, ClientError> {
     let mut iter = words.into_iter();
     while let Some(w) = iter.next() {
         let setting = if w == "-c" {
-            iter.next()
-                .ok_or_else(|| ClientError::unsupported_startup_parameter("options (-c without a setting)"))?
+            iter.next().ok_or_else(|| {
+                ClientError::unsupported_startup_parameter("options (-c without a setting)")
+            })?
         } else if let Some(rest) = w.strip_prefix("-c") {
             rest.to_string()
         } else if let Some(rest) = w.strip_prefix("--") {
             rest.to_string()
         } else {
-            return Err(ClientError::unsupported_startup_parameter(&format!("options ({w})")));
+            return Err(ClientError::unsupported_startup_parameter(&format!(
+                "options ({w})"
+            )));
         };
-        let (name, value) = setting
-            .split_once('=')
-            .ok_or_else(|| ClientError::unsupported_startup_parameter(&format!("options ({setting})")))?;
+        let (name, value) = setting.split_once('=').ok_or_else(|| {
+            ClientError::unsupported_startup_parameter(&format!("options ({setting})"))
+        })?;
         let name = name.replace('-', "_");
         if !valid_guc_name(&name) {
-            return Err(ClientError::unsupported_startup_parameter(&format!("options ({name})")));
+            return Err(ClientError::unsupported_startup_parameter(&format!(
+                "options ({name})"
+            )));
         }
         out.push((name, value.to_string()));
     }
@@ -388,7 +417,8 @@ async fn authenticate(
             wire::authentication_cleartext(&mut out);
             stream.write_all(&out).await.map_err(|_| None)?;
             let body = read_password_message(stream, buf).await?;
-            let response = wire::parse_password_message(&body).map_err(|e| Some(ClientError::from_wire(&e)))?;
+            let response = wire::parse_password_message(&body)
+                .map_err(|e| Some(ClientError::from_wire(&e)))?;
             auth::verify_cleartext(user, secret, response).map_err(|e| auth_error(e, user))
         }
         AuthMethod::Md5 => {
@@ -396,7 +426,8 @@ async fn authenticate(
             wire::authentication_md5(&mut out, salt);
             stream.write_all(&out).await.map_err(|_| None)?;
             let body = read_password_message(stream, buf).await?;
-            let response = wire::parse_password_message(&body).map_err(|e| Some(ClientError::from_wire(&e)))?;
+            let response = wire::parse_password_message(&body)
+                .map_err(|e| Some(ClientError::from_wire(&e)))?;
             auth::verify_md5(user, secret, salt, response).map_err(|e| auth_error(e, user))
         }
         AuthMethod::ScramSha256 => {
@@ -404,7 +435,8 @@ async fn authenticate(
             wire::authentication_sasl(&mut out, ScramServer::mechanisms());
             stream.write_all(&out).await.map_err(|_| None)?;
             let body = read_password_message(stream, buf).await?;
-            let initial = wire::parse_sasl_initial_response(&body).map_err(|e| Some(ClientError::from_wire(&e)))?;
+            let initial = wire::parse_sasl_initial_response(&body)
+                .map_err(|e| Some(ClientError::from_wire(&e)))?;
             let server_first = scram
                 .client_first(initial.mechanism, initial.data)
                 .map_err(|e| auth_error(e, user))?;
@@ -433,7 +465,10 @@ fn auth_error(e: AuthError, user: &str) -> Option<ClientError> {
 }
 
 /// Reads one 'p' message during authentication.
-async fn read_password_message(stream: &mut Stream, buf: &mut BytesMut) -> Result<BytesMut, Option<ClientError>> {
+async fn read_password_message(
+    stream: &mut Stream,
+    buf: &mut BytesMut,
+) -> Result<BytesMut, Option<ClientError>> {
     loop {
         match wire::take_message(buf, MAX_AUTH_MESSAGE) {
             Ok(Some((b'p', body))) => return Ok(body),
@@ -459,8 +494,9 @@ mod tests {
 
     #[test]
     fn options_are_unpacked_into_settings() {
-        let got = parse_options("-c statement_timeout=5s --search-path=a,b -cwork_mem=4MB -c x.y=a\\ b")
-            .expect("valid options");
+        let got =
+            parse_options("-c statement_timeout=5s --search-path=a,b -cwork_mem=4MB -c x.y=a\\ b")
+                .expect("valid options");
         assert_eq!(
             got,
             vec![

@@ -4,6 +4,7 @@
 //! connection to the current primary) → `session` relay loop → back. Beside it, `cluster`
 //! diagnoses the nodes and publishes a `Topology` that pools and sessions read.
 
+pub mod admin;
 pub mod auth;
 pub mod backend;
 pub mod cancel;
@@ -13,8 +14,11 @@ pub mod config;
 pub mod demo;
 pub mod frontend;
 pub mod harness;
+pub mod metrics;
 pub mod pool;
+pub mod prepared;
 pub mod server;
 pub mod session;
+pub mod status;
 pub mod stream;
 pub mod wire;

@@ -7,7 +7,11 @@ use clap::{Parser, Subcommand};
 use pgswitch::config::Config;
 
 #[derive(Parser)]
-#[command(name = "pgswitch", version, about = "PostgreSQL proxy with connection pooling and built-in failover")]
+#[command(
+    name = "pgswitch",
+    version,
+    about = "PostgreSQL proxy with connection pooling and built-in failover"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -25,6 +29,31 @@ enum Command {
         #[arg(long, env = "PGSWITCH_CONFIG")]
         config: PathBuf,
     },
+    /// Show the cluster as a table: nodes, roles, LSNs, lag, health, the epoch, pools.
+    Status {
+        /// URL of the admin API (admin_listen).
+        #[arg(long, env = "PGSWITCH_ADMIN", default_value = pgswitch::status::DEFAULT_ADMIN_URL)]
+        admin: String,
+        /// Print the raw JSON of GET /status instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Planned switchover: make NODE the primary without losing data.
+    Switchover {
+        /// Name of the node to promote.
+        #[arg(long)]
+        to: String,
+        /// URL of the admin API (admin_listen). A token in PGSWITCH_ADMIN_TOKEN is sent as a bearer token.
+        #[arg(long, env = "PGSWITCH_ADMIN", default_value = pgswitch::status::DEFAULT_ADMIN_URL)]
+        admin: String,
+    },
+    /// Exit 0 if the admin API answers GET /health (the container image's HEALTHCHECK).
+    #[command(hide = true)]
+    Healthcheck {
+        /// URL of the admin API (admin_listen).
+        #[arg(long, env = "PGSWITCH_ADMIN", default_value = pgswitch::status::DEFAULT_ADMIN_URL)]
+        admin: String,
+    },
     /// Start a local primary + 2 standbys with pgswitch in front, for a first look.
     Demo {
         /// Client port of the demo proxy.
@@ -36,7 +65,10 @@ enum Command {
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("PGSWITCH_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .init();
 }
 
 fn main() -> ExitCode {
@@ -64,6 +96,11 @@ fn main() -> ExitCode {
             init_logging();
             run_async(pgswitch::server::run_until_signal(config))
         }
+        Command::Status { admin, json } => run_async(pgswitch::status::run_status(&admin, json)),
+        Command::Switchover { to, admin } => {
+            run_async(pgswitch::status::run_switchover(&admin, &to))
+        }
+        Command::Healthcheck { admin } => run_async(pgswitch::status::run_healthcheck(&admin)),
         Command::Demo { port } => {
             init_logging();
             run_async(pgswitch::demo::run(port))
@@ -72,7 +109,10 @@ fn main() -> ExitCode {
 }
 
 fn run_async(f: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("cannot start the runtime: {e}");

@@ -16,6 +16,7 @@ use tracing::{debug, warn};
 
 use crate::backend::{ServerConn, ServerError, ServerLogin};
 use crate::cluster::ClusterView;
+use crate::prepared::KnownStatements;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 pub struct PoolKey {
@@ -57,6 +58,8 @@ pub struct Pool {
     permits: Arc<Semaphore>,
     idle: Mutex<Vec<ServerConn>>,
     counters: Counters,
+    /// Prepared statements PostgreSQL accepted on this pool's servers.
+    pub known_statements: Arc<KnownStatements>,
 }
 
 /// A server connection checked out of a pool. Dropping it without `release` closes the
@@ -115,11 +118,14 @@ impl Pool {
             permits: Arc::new(Semaphore::new(size)),
             idle: Mutex::new(Vec::new()),
             counters: Counters::default(),
+            known_statements: Arc::new(KnownStatements::default()),
         }
     }
 
     fn lock_idle(&self) -> MutexGuard<'_, Vec<ServerConn>> {
-        self.idle.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.idle
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Checks out a server connection to the current primary, waiting at most `wait` for a

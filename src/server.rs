@@ -13,11 +13,13 @@ use tracing::info;
 use crate::cluster::{ClusterView, Monitor};
 use crate::config::Config;
 use crate::frontend::{self, Proxy};
-use crate::stream;
+use crate::{admin, metrics, stream};
 
 /// A running pgswitch.
 pub struct Running {
     pub listen_addr: SocketAddr,
+    /// Where the admin HTTP API (/metrics, /status, ...) actually listens.
+    pub admin_addr: SocketAddr,
     pub proxy: Arc<Proxy>,
     pub cluster: ClusterView,
     shutdown: watch::Sender<bool>,
@@ -26,6 +28,8 @@ pub struct Running {
 
 /// Starts every part of pgswitch and returns once the client port is listening.
 pub async fn start(config: Config) -> anyhow::Result<Running> {
+    // First, so that nothing the data path records is lost.
+    metrics::install();
     let config = Arc::new(config);
     let tls = match &config.tls {
         Some(t) => Some(stream::server_tls_acceptor(&t.cert, &t.key).context("tls")?),
@@ -36,22 +40,36 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let mut tasks = vec![tokio::spawn(monitor.run())];
     let proxy = Arc::new(Proxy::new(config.clone(), cluster.clone(), tls).context("users")?);
     tasks.push(tokio::spawn(
-        proxy.pools.clone().run_idle_reaper(config.server_idle_timeout()),
+        proxy
+            .pools
+            .clone()
+            .run_idle_reaper(config.server_idle_timeout()),
     ));
     let addr = config.listen_addr()?;
     let listener = TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen on {addr}"))?;
     let listen_addr = listener.local_addr()?;
+    let admin_bind = config.admin_addr()?;
+    let admin_listener = TcpListener::bind(admin_bind)
+        .await
+        .with_context(|| format!("cannot listen on {admin_bind} (admin_listen)"))?;
+    let admin_addr = admin_listener.local_addr()?;
     let (shutdown, shutdown_rx) = watch::channel(false);
+    tasks.push(tokio::spawn(admin::serve(
+        admin_listener,
+        admin::Admin::from_config(proxy.clone()),
+        shutdown_rx.clone(),
+    )));
     tasks.push(tokio::spawn(frontend::serve(
         listener,
         proxy.clone(),
         shutdown_rx,
     )));
-    info!(%listen_addr, pool_mode = ?config.pool_mode, "pgswitch listening");
+    info!(%listen_addr, %admin_addr, pool_mode = ?config.pool_mode, "pgswitch listening");
     Ok(Running {
         listen_addr,
+        admin_addr,
         proxy,
         cluster,
         shutdown,
@@ -70,7 +88,10 @@ impl Running {
         }
         let left = self.proxy.client_count();
         if left > 0 {
-            info!(clients = left, "shutdown timeout reached; closing remaining sessions");
+            info!(
+                clients = left,
+                "shutdown timeout reached; closing remaining sessions"
+            );
         }
         for task in self.tasks {
             task.abort();

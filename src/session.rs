@@ -1,9 +1,15 @@
-//! A logged-in client: its server connection and the relay loop between the two sockets.
+//! A logged-in client: the server connection it uses and the relay loop between the sockets.
 //!
-//! The relay knows sockets and message boundaries (type + length), not message layouts: bytes
-//! read from one side are scanned for boundaries and written to the other side as they are.
-//! Both directions flow independently inside one task, so a server that writes while the
-//! client is still sending (pipelines, COPY with notices) never deadlocks the proxy.
+//! The relay frames both byte streams by type + length. Most messages stream through as they
+//! arrive (a 100 MB row never sits whole in memory); only the few a pooler must understand are
+//! held until complete: ReadyForQuery, ParameterStatus and CommandComplete from the server, and
+//! in transaction mode the client messages that name prepared statements. Both directions flow
+//! independently inside one task, so a server that writes while the client is still sending
+//! (pipelines, COPY with notices) never deadlocks the proxy.
+//!
+//! Session mode holds one server for the whole session. Transaction mode attaches a server
+//! when the client sends something and returns it when the server reports idle ('I') with
+//! nothing outstanding.
 
 use std::io;
 use std::net::SocketAddr;
@@ -12,28 +18,44 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
 use tokio::io::AsyncWriteExt;
 use tokio_util::io::{poll_read_buf, poll_write_buf};
 use tracing::{debug, info, warn};
 
-use crate::cancel::{CancelKey, CancelTarget};
+use crate::backend::{ServerConn, ServerLogin};
+use crate::cancel::CancelTarget;
 use crate::client_error::ClientError;
+use crate::config::PoolMode;
 use crate::frontend::{refuse, LoggedIn, Proxy};
 use crate::pool::{Pool, PoolKey, PooledServer};
-use crate::backend::ServerLogin;
+use crate::prepared::{self, ClientStatements, KnownStatements, Pending, Tracker, Verdict};
 use crate::stream::Stream;
-use crate::wire::{self, Scanner, Severity, Step, WireError};
+use crate::wire::{self, Severity, WireError};
 
 /// Bytes buffered towards one side before the relay stops reading from the other.
 const HIGH_WATER: usize = 256 * 1024;
-/// How much one read asks for.
-const READ_CHUNK: usize = 32 * 1024;
+/// How much one read from a client asks for.
+const CLIENT_READ: usize = 8 * 1024;
+/// How much one read from a server asks for.
+const SERVER_READ: usize = 32 * 1024;
+
+/// Session parameters every client keeps across server connections in transaction mode.
+const TRACKED_PARAMS: &[&str] = &[
+    "client_encoding",
+    "DateStyle",
+    "TimeZone",
+    "IntervalStyle",
+    "standard_conforming_strings",
+    "application_name",
+    "search_path",
+    "default_transaction_read_only",
+];
 
 pub struct ClientSession;
 
 impl ClientSession {
-    /// Runs a session in session pooling mode until the client leaves.
+    /// Runs a logged-in client until it leaves.
     pub async fn run(proxy: Arc<Proxy>, login: LoggedIn, id: u64, addr: SocketAddr) {
         let LoggedIn {
             mut stream,
@@ -44,25 +66,27 @@ impl ClientSession {
             slot: _slot,
             ..
         } = login;
+        let mode = proxy.config.pool_mode;
         let pool = pool_for(&proxy, &user, &database);
-        let wait = proxy.config.pool_timeout();
-        let mut server = match pool.acquire(&proxy.cluster, wait).await {
+        let mut server = match attach(&proxy, &pool, &params).await {
             Ok(s) => s,
             Err(e) => {
-                warn!(pool = %pool.key, error = %e, "no server for client");
-                refuse(&mut stream, &ClientError::from_pool(&e, Severity::Fatal)).await;
+                refuse(&mut stream, &e.fatal()).await;
                 return;
             }
         };
-        if let Err(e) = server.conn.sync_params(&params).await {
-            refuse(&mut stream, &ClientError::from_server(&e, Severity::Fatal)).await;
-            server.discard();
-            return;
-        }
         let cancel = proxy.cancels.register();
-        cancel.slot.set(Some(cancel_target(&server)));
-        info!(server = server.conn.id, node = %server.conn.target.node, "client attached to server");
-
+        let mut wanted = params;
+        if mode == PoolMode::Transaction {
+            // The first server's values are this client's defaults from now on.
+            for name in tracked_names(&proxy) {
+                if !wanted.iter().any(|(n, _)| n.eq_ignore_ascii_case(&name)) {
+                    if let Some(v) = server.conn.params.get(&name) {
+                        wanted.push((name, v.clone()));
+                    }
+                }
+            }
+        }
         let mut greeting = BytesMut::new();
         for (name, value) in &server.conn.params {
             wire::parameter_status(&mut greeting, name, value);
@@ -70,38 +94,181 @@ impl ClientSession {
         wire::backend_key_data(&mut greeting, cancel.pid, cancel.secret);
         wire::ready_for_query(&mut greeting, b'I');
         greeting.extend_from_slice(&server.conn.pending.split());
-        let mut relay = Relay::new(proxy.config.max_message_bytes);
-        relay.to_client = greeting;
-        relay.to_server = leftover;
-        if let Err(e) = relay.scan_client(0) {
-            finish_protocol_error(&mut stream, server, &cancel, e).await;
-            return;
-        }
 
-        let end = std::future::poll_fn(|cx| relay.poll(cx, &mut stream, &mut server.conn.stream)).await;
-        cancel.slot.set(None);
-        debug!(?end, client = id, %addr, "session ending");
-        match end {
-            RelayEnd::ClientLeft => {
-                return_server(&proxy, server, &relay).await;
+        let mut relay = Relay::new(&proxy, mode, wanted, pool.known_statements.clone());
+        relay.to_client = greeting;
+        relay.client_in = leftover;
+        let mut server = match mode {
+            PoolMode::Session => {
+                cancel.slot.set(Some(cancel_target(&server.conn)));
+                info!(server = server.conn.id, node = %server.conn.target.node, "client attached to server");
+                Some(server)
             }
-            RelayEnd::ClientGone(e) => {
-                debug!(error = %e, "client connection lost");
-                return_server(&proxy, server, &relay).await;
+            PoolMode::Transaction => {
+                server.release();
+                None
             }
-            RelayEnd::ClientProtocol(e) => {
-                finish_protocol_error(&mut stream, server, &cancel, e).await;
+        };
+        let mut statements = ClientStatements::default();
+        loop {
+            let end = std::future::poll_fn(|cx| {
+                relay.poll(
+                    cx,
+                    &mut stream,
+                    server.as_mut().map(|s| &mut s.conn),
+                    &mut statements,
+                )
+            })
+            .await;
+            match end {
+                RelayEvent::NeedServer => {
+                    let wait = Duration::from_millis(proxy.config.failover.hold_ms);
+                    if !proxy.wait_unpaused(wait).await {
+                        relay.fail_in_flight(ClientError::no_server_while_paused());
+                        continue;
+                    }
+                    let attached = tokio::select! {
+                        r = attach(&proxy, &pool, &relay.wanted) => Some(r),
+                        _ = read_until_closed(&mut stream, &mut relay.client_in) => None,
+                    };
+                    let Some(attached) = attached else {
+                        debug!("client left while waiting for a server");
+                        break;
+                    };
+                    match attached {
+                        Ok(s) => {
+                            cancel.slot.set(Some(cancel_target(&s.conn)));
+                            relay.answered = false;
+                            server = Some(s);
+                        }
+                        Err(e) => {
+                            debug!(error = ?e.fatal().message, "no server for the next transaction");
+                            relay.fail_in_flight(e.error());
+                        }
+                    }
+                }
+                RelayEvent::ServerIdle => {
+                    cancel.slot.set(None);
+                    if let Some(s) = server.take() {
+                        s.release();
+                    }
+                    relay.shrink_idle_buffers();
+                }
+                RelayEvent::ClientLeft | RelayEvent::ClientGone(_) => {
+                    cancel.slot.set(None);
+                    if let RelayEvent::ClientGone(e) = &end {
+                        debug!(error = %e, "client connection lost");
+                    }
+                    if let Some(s) = server.take() {
+                        return_server(&proxy, s, &relay).await;
+                    }
+                    break;
+                }
+                RelayEvent::ClientProtocol(e) => {
+                    info!(error = %e, "closing client after protocol violation");
+                    cancel.slot.set(None);
+                    if let Some(s) = server.take() {
+                        cancel_and_discard(s);
+                    }
+                    refuse(&mut stream, &ClientError::from_wire(&e)).await;
+                    break;
+                }
+                RelayEvent::ServerGone(e) => {
+                    cancel.slot.set(None);
+                    let fatal = relay.server_fatal.take();
+                    // A server that ended the session for the client's own reasons (protocol
+                    // violation, idle timeouts) is healthy; one shutting down is not.
+                    let server_failing = fatal.as_deref().is_none_or(|c| c.starts_with("57P"));
+                    if let Some(s) = server.take() {
+                        if server_failing {
+                            warn!(server = s.conn.id, node = %s.conn.target.node, error = %e, fatal = ?fatal, "server connection lost");
+                        } else {
+                            info!(server = s.conn.id, node = %s.conn.target.node, fatal = ?fatal, "server ended the session");
+                        }
+                        s.discard();
+                    }
+                    if server_failing {
+                        proxy.cluster.report_server_failure();
+                    }
+                    match (mode, server_failing) {
+                        (PoolMode::Transaction, true) => {
+                            relay.fail_in_flight(ClientError::server_connection_lost(
+                                Severity::Error,
+                            ));
+                        }
+                        (PoolMode::Session, true) => {
+                            let _ = stream.write_all(&relay.to_client).await;
+                            refuse(
+                                &mut stream,
+                                &ClientError::server_connection_lost(Severity::Fatal),
+                            )
+                            .await;
+                            break;
+                        }
+                        (_, false) => {
+                            // The client already has the server's FATAL error.
+                            let _ = stream.write_all(&relay.to_client).await;
+                            let _ = stream.shutdown().await;
+                            break;
+                        }
+                    }
+                }
             }
-            RelayEnd::ServerGone(e) => {
-                warn!(server = server.conn.id, node = %server.conn.target.node, error = %e, "server connection lost");
-                proxy.cluster.report_server_failure();
-                server.discard();
-                // Whatever the server already sent goes out before the error.
-                let _ = stream.write_all(&relay.to_client).await;
-                refuse(&mut stream, &ClientError::server_connection_lost(Severity::Fatal)).await;
-            }
+        }
+        drop(cancel);
+        debug!(client = id, %addr, "session ended");
+    }
+}
+
+fn tracked_names(proxy: &Proxy) -> Vec<String> {
+    TRACKED_PARAMS
+        .iter()
+        .map(|s| s.to_string())
+        .chain(proxy.config.track_extra_params.iter().cloned())
+        .collect()
+}
+
+/// Why a client could not get a server.
+enum AttachError {
+    Pool(crate::pool::PoolError),
+    Server(crate::backend::ServerError),
+}
+
+impl AttachError {
+    fn fatal(&self) -> ClientError {
+        self.with_severity(Severity::Fatal)
+    }
+
+    fn error(&self) -> ClientError {
+        self.with_severity(Severity::Error)
+    }
+
+    fn with_severity(&self, severity: Severity) -> ClientError {
+        match self {
+            AttachError::Pool(e) => ClientError::from_pool(e, severity),
+            AttachError::Server(e) => ClientError::from_server(e, severity),
         }
     }
+}
+
+/// Checks out a server and gives it the client's session parameters.
+async fn attach(
+    proxy: &Proxy,
+    pool: &Arc<Pool>,
+    params: &[(String, String)],
+) -> Result<PooledServer, AttachError> {
+    let mut server = pool
+        .acquire(&proxy.cluster, proxy.config.pool_timeout())
+        .await
+        .map_err(|e| {
+            warn!(pool = %pool.key, error = %e, "no server for client");
+            AttachError::Pool(e)
+        })?;
+    if let Err(e) = server.conn.sync_params(params).await {
+        server.discard();
+        return Err(AttachError::Server(e));
+    }
+    Ok(server)
 }
 
 fn pool_for(proxy: &Proxy, user: &str, database: &str) -> Arc<Pool> {
@@ -131,44 +298,46 @@ fn pool_for(proxy: &Proxy, user: &str, database: &str) -> Arc<Pool> {
     )
 }
 
-fn cancel_target(server: &PooledServer) -> CancelTarget {
+fn cancel_target(conn: &ServerConn) -> CancelTarget {
     CancelTarget {
-        host: server.conn.target.host.clone(),
-        port: server.conn.target.port,
-        pid: server.conn.backend_pid,
-        secret: server.conn.backend_secret,
+        host: conn.target.host.clone(),
+        port: conn.target.port,
+        pid: conn.backend_pid,
+        secret: conn.backend_secret,
     }
-}
-
-async fn finish_protocol_error(stream: &mut Stream, server: PooledServer, cancel: &CancelKey, e: WireError) {
-    info!(error = %e, "closing client after protocol violation");
-    cancel.slot.set(None);
-    cancel_and_discard(server);
-    refuse(stream, &ClientError::from_wire(&e)).await;
 }
 
 /// Cancels whatever the server runs, then closes it.
 fn cancel_and_discard(server: PooledServer) {
-    let target = cancel_target(&server);
+    let target = cancel_target(&server.conn);
     tokio::spawn(async move {
-        let _ = crate::backend::send_cancel(&target.host, target.port, target.pid, target.secret).await;
+        let _ =
+            crate::backend::send_cancel(&target.host, target.port, target.pid, target.secret).await;
     });
     server.discard();
 }
 
-/// Puts the server back in its pool if it is provably idle, after the reset query; otherwise
-/// cancels what it is running and closes it.
+/// Puts the server back in its pool if it is provably idle, after the reset query (session
+/// mode) or as it is (transaction mode); otherwise cancels what it runs and closes it.
 async fn return_server(proxy: &Proxy, mut server: PooledServer, relay: &Relay) {
-    if !relay.server_is_idle() {
-        debug!(server = server.conn.id, "client left mid-query: cancelling and closing the server connection");
+    if !relay.server_is_quiet() {
+        debug!(
+            server = server.conn.id,
+            "client left mid-query: cancelling and closing the server connection"
+        );
         cancel_and_discard(server);
         return;
     }
+    let in_transaction = relay.server_status != b'I';
+    let session_mode = relay.mode == PoolMode::Session;
     let reset = async {
-        if relay.server_status != b'I' {
+        if in_transaction {
             server.conn.simple_query("ROLLBACK").await?;
         }
-        server.conn.reset(&proxy.config.server_reset_query).await
+        if session_mode {
+            server.conn.reset(&proxy.config.server_reset_query).await?;
+        }
+        Ok::<(), crate::backend::ServerError>(())
     };
     match tokio::time::timeout(Duration::from_secs(5), reset).await {
         Ok(Ok(())) => server.release(),
@@ -180,9 +349,13 @@ async fn return_server(proxy: &Proxy, mut server: PooledServer, relay: &Relay) {
     }
 }
 
-/// Why a relay stopped.
+/// What made the relay stop.
 #[derive(Debug)]
-enum RelayEnd {
+enum RelayEvent {
+    /// Transaction mode: the client sent something and no server is attached.
+    NeedServer,
+    /// Transaction mode: the server finished the client's transaction.
+    ServerIdle,
     /// The client sent Terminate.
     ClientLeft,
     /// The client's socket closed or failed.
@@ -193,153 +366,565 @@ enum RelayEnd {
     ServerGone(io::Error),
 }
 
-/// The state of one client↔server byte relay.
+/// One message being streamed through: the body bytes still to come.
+#[derive(Debug, Clone, Copy)]
+struct Streaming {
+    remaining: usize,
+    /// Drop instead of forwarding (client messages after a failed request, up to Sync).
+    discard: bool,
+}
+
+/// The state of one client↔server relay.
 struct Relay {
-    /// Read from the client, not yet written to the server.
+    mode: PoolMode,
+    /// Read from the client, not yet framed.
+    client_in: BytesMut,
+    /// Framed client bytes, not yet written to the server.
     to_server: BytesMut,
-    /// Read from the server, not yet written to the client.
+    /// Read from the server, not yet framed.
+    server_in: BytesMut,
+    /// Framed server bytes (and pgswitch's own answers), not yet written to the client.
     to_client: BytesMut,
-    client_scan: Scanner,
-    server_scan: Scanner,
+    client_msg: Option<Streaming>,
+    server_msg: Option<Streaming>,
     /// Status byte of the server's last ReadyForQuery.
     server_status: u8,
     /// Requests (Query, Sync, FunctionCall) sent that have no ReadyForQuery back yet.
     awaiting_ready: usize,
+    /// The attached server sent a ReadyForQuery since it was attached.
+    answered: bool,
     /// Extended-protocol messages sent since the last Sync.
     unsynced: bool,
     /// The client sent Terminate: stop reading it.
     client_done: bool,
-    /// A partial message went to the server that will never be completed.
-    server_dirty: bool,
+    /// After a failed request, client messages are dropped up to the next Sync, which gets
+    /// this error (or only ReadyForQuery, when the error was already sent).
+    failing: Option<Option<ClientError>>,
+    /// Transaction mode: answers expected from the server, with pgswitch's own in between.
+    tracker: Tracker,
+    /// Session parameters this client keeps across servers.
+    wanted: Vec<(String, String)>,
+    tracked: Vec<String>,
     max_message: usize,
+    cache_size: usize,
+    /// The pool's statements known to parse.
+    known: Arc<KnownStatements>,
+    /// SQLSTATE of a FATAL error the server sent before closing.
+    server_fatal: Option<String>,
+    /// Since the last Sync, everything was answered by pgswitch without a server.
+    local_batch: bool,
 }
 
 impl Relay {
-    fn new(max_message: usize) -> Relay {
+    fn new(
+        proxy: &Proxy,
+        mode: PoolMode,
+        wanted: Vec<(String, String)>,
+        known: Arc<KnownStatements>,
+    ) -> Relay {
         Relay {
+            known,
+            local_batch: false,
+            server_fatal: None,
+            mode,
+            client_in: BytesMut::new(),
             to_server: BytesMut::new(),
+            server_in: BytesMut::new(),
             to_client: BytesMut::new(),
-            client_scan: Scanner::new(),
-            server_scan: Scanner::new(),
+            client_msg: None,
+            server_msg: None,
             server_status: b'I',
             awaiting_ready: 0,
+            answered: false,
             unsynced: false,
             client_done: false,
-            server_dirty: false,
-            max_message,
+            failing: None,
+            tracker: Tracker::default(),
+            wanted,
+            tracked: tracked_names(proxy),
+            max_message: proxy.config.max_message_bytes,
+            cache_size: proxy.config.prepared_statement_cache_size,
         }
     }
 
-    /// The server has answered everything and sits between transactions or in one.
-    fn server_is_idle(&self) -> bool {
+    fn rewrites(&self) -> bool {
+        self.mode == PoolMode::Transaction
+    }
+
+    /// Everything sent was answered and no message is half-way through either direction.
+    fn server_is_quiet(&self) -> bool {
         self.awaiting_ready == 0
             && !self.unsynced
-            && !self.server_dirty
+            && self.tracker.is_empty()
             && self.to_server.is_empty()
-            && self.server_scan.at_boundary()
-            && self.client_scan.at_boundary()
+            && self.server_in.is_empty()
+            && self.client_msg.is_none()
+            && self.server_msg.is_none()
     }
 
-    /// Scans client bytes from `from` to the end of `to_server`: counts requests, stops at
-    /// Terminate (which never reaches a pooled server), enforces the size limit.
-    fn scan_client(&mut self, from: usize) -> Result<(), WireError> {
-        let mut pos = 0;
-        let mut cut = None;
-        {
-            let chunk = &self.to_server[from..];
-            while let Some(step) = self.client_scan.step(chunk, &mut pos, self.max_message)? {
-                if let Step::Header { tag, at, .. } = step {
-                    match tag {
-                        b'Q' | b'F' => self.awaiting_ready += 1,
-                        b'S' => {
-                            self.awaiting_ready += 1;
-                            self.unsynced = false;
+    /// Frees the buffers of a client that sits idle between transactions.
+    fn shrink_idle_buffers(&mut self) {
+        for buf in [&mut self.to_server, &mut self.server_in] {
+            if buf.is_empty() {
+                *buf = BytesMut::new();
+            }
+        }
+        if self.client_in.is_empty() {
+            self.client_in = BytesMut::new();
+        }
+        if self.to_client.is_empty() {
+            self.to_client = BytesMut::new();
+        }
+    }
+
+    /// The server went away or none could be had: answer what the client is waiting for with
+    /// `error`, drop what was not sent, and keep the client connection.
+    fn fail_in_flight(&mut self, error: ClientError) {
+        self.to_server.clear();
+        self.server_in.clear();
+        self.server_msg = None;
+        self.tracker.clear();
+        self.server_status = b'I';
+        let mut error = Some(error);
+        if self.awaiting_ready > 0 {
+            if let Some(e) = error.take() {
+                e.encode(&mut self.to_client);
+            }
+            for _ in 0..self.awaiting_ready {
+                wire::ready_for_query(&mut self.to_client, b'I');
+            }
+            self.awaiting_ready = 0;
+        }
+        if let Some(m) = &mut self.client_msg {
+            m.discard = true;
+        }
+        // The rest of the client's batch (up to its Sync) is dropped and answered there.
+        if self.unsynced || !self.client_in.is_empty() || self.client_msg.is_some() {
+            self.failing = Some(error);
+        }
+        self.unsynced = false;
+    }
+
+    /// Frames client bytes: forwards, rewrites, or (while failing) drops them.
+    fn process_client(
+        &mut self,
+        mut server: Option<&mut ServerConn>,
+        statements: &mut ClientStatements,
+    ) -> Result<bool, WireError> {
+        let mut progress = false;
+        loop {
+            if let Some(m) = &mut self.client_msg {
+                let n = m.remaining.min(self.client_in.len());
+                if n == 0 {
+                    break;
+                }
+                if !m.discard {
+                    self.to_server.extend_from_slice(&self.client_in[..n]);
+                }
+                self.client_in.advance(n);
+                m.remaining -= n;
+                if m.remaining == 0 {
+                    self.client_msg = None;
+                }
+                progress = true;
+                continue;
+            }
+            if self.client_in.len() < 5 {
+                break;
+            }
+            let tag = self.client_in[0];
+            let len = u32::from_be_bytes([
+                self.client_in[1],
+                self.client_in[2],
+                self.client_in[3],
+                self.client_in[4],
+            ]);
+            if len < 4 {
+                return Err(WireError::BadLength(len));
+            }
+            let body = (len - 4) as usize;
+            if body > self.max_message {
+                return Err(WireError::TooLong {
+                    len: body,
+                    max: self.max_message,
+                });
+            }
+            if tag == b'X' {
+                self.client_in.clear();
+                self.client_done = true;
+                return Ok(true);
+            }
+            if let Some(pending_error) = &mut self.failing {
+                if matches!(tag, b'S' | b'Q') {
+                    if let Some(e) = pending_error.take() {
+                        e.encode(&mut self.to_client);
+                    }
+                    wire::ready_for_query(&mut self.to_client, b'I');
+                    self.failing = None;
+                }
+                self.client_in.advance(5);
+                if body > 0 {
+                    self.client_msg = Some(Streaming {
+                        remaining: body,
+                        discard: true,
+                    });
+                }
+                progress = true;
+                continue;
+            }
+            let Some(conn) = server.as_deref_mut() else {
+                // Transaction mode between transactions: answer what needs no server, and let
+                // the caller attach one for the rest.
+                if self.answer_locally(tag, body, statements) {
+                    progress = true;
+                    continue;
+                }
+                break;
+            };
+            self.local_batch = false;
+            match tag {
+                b'Q' | b'F' => self.awaiting_ready += 1,
+                b'S' => {
+                    self.awaiting_ready += 1;
+                    self.unsynced = false;
+                }
+                b'P' | b'B' | b'D' | b'E' | b'C' => self.unsynced = true,
+                _ => {}
+            }
+            let rewritable = self.rewrites() && matches!(tag, b'P' | b'B' | b'D' | b'C');
+            if rewritable {
+                if self.client_in.len() < 5 + body {
+                    self.client_in.reserve(5 + body - self.client_in.len());
+                    break;
+                }
+                let msg = self.client_in.split_to(5 + body).freeze();
+                match prepared::rewrite_client_message(
+                    &msg,
+                    statements,
+                    &mut conn.statements,
+                    self.cache_size,
+                ) {
+                    Some(r) => {
+                        for b in &r.to_server {
+                            self.to_server.extend_from_slice(b);
                         }
-                        b'X' => {
-                            match at {
-                                Some(at) => cut = Some(from + at),
-                                None => {
-                                    self.server_dirty = true;
-                                    cut = Some(from);
-                                }
-                            }
-                            break;
+                        for p in r.pending {
+                            self.tracker.push(p);
                         }
-                        b'H' => {}
-                        b'P' | b'B' | b'D' | b'E' | b'C' => self.unsynced = true,
-                        _ => {}
+                        if self.server_msg.is_none() {
+                            self.tracker.drain_injects(&mut self.to_client);
+                        }
+                    }
+                    None => {
+                        self.to_server.extend_from_slice(&msg);
+                        self.tracker.push(Pending::Reply {
+                            request: tag,
+                            parse_of: None,
+                        });
                     }
                 }
+                progress = true;
+                continue;
             }
+            if self.rewrites() && prepared::is_tracked_request(tag) {
+                self.tracker.push(Pending::Reply {
+                    request: tag,
+                    parse_of: None,
+                });
+            }
+            self.to_server.extend_from_slice(&self.client_in[..5]);
+            self.client_in.advance(5);
+            if body > 0 {
+                self.client_msg = Some(Streaming {
+                    remaining: body,
+                    discard: false,
+                });
+            }
+            progress = true;
         }
-        if let Some(cut) = cut {
-            self.to_server.truncate(cut);
-            self.client_done = true;
-        }
-        Ok(())
+        Ok(progress)
     }
 
-    /// Scans server bytes from `from`: follows ReadyForQuery.
-    fn scan_server(&mut self, from: usize) -> Result<(), WireError> {
-        let mut pos = 0;
-        let chunk = &self.to_client[from..];
-        while let Some(step) = self.server_scan.step(chunk, &mut pos, usize::MAX)? {
-            if let Step::End { tag: b'Z', end } = step {
-                self.server_status = chunk[end - 1];
-                self.awaiting_ready = self.awaiting_ready.saturating_sub(1);
-            }
+    /// Between transactions, a Parse of a statement the pool knows, a Close of a statement
+    /// name, and the Sync or Flush ending such a batch need no server.
+    fn answer_locally(&mut self, tag: u8, body: usize, statements: &mut ClientStatements) -> bool {
+        if !self.rewrites() || self.awaiting_ready > 0 || !self.tracker.is_empty() {
+            return false;
         }
-        Ok(())
+        match tag {
+            b'P' | b'C' => {
+                if self.client_in.len() < 5 + body {
+                    return false;
+                }
+                let msg = bytes::Bytes::copy_from_slice(&self.client_in[..5 + body]);
+                let done = if tag == b'P' {
+                    statements.parse_locally(&msg, &self.known)
+                } else {
+                    statements.close_locally(&msg)
+                };
+                if !done {
+                    return false;
+                }
+                self.client_in.advance(5 + body);
+                self.to_client.extend_from_slice(&[
+                    if tag == b'P' { b'1' } else { b'3' },
+                    0,
+                    0,
+                    0,
+                    4,
+                ]);
+                self.local_batch = true;
+                true
+            }
+            b'H' if self.local_batch && body == 0 => {
+                self.client_in.advance(5);
+                true
+            }
+            b'S' if self.local_batch && body == 0 => {
+                self.client_in.advance(5);
+                wire::ready_for_query(&mut self.to_client, self.server_status);
+                self.local_batch = false;
+                true
+            }
+            _ => false,
+        }
     }
 
-    /// Moves bytes both ways until one side ends.
-    fn poll(&mut self, cx: &mut Context<'_>, client: &mut Stream, server: &mut Stream) -> Poll<RelayEnd> {
+    /// Frames server bytes: follows ReadyForQuery and ParameterStatus, drops answers to
+    /// requests pgswitch added, and puts pgswitch's own answers in place.
+    fn process_server(
+        &mut self,
+        conn: &mut ServerConn,
+        statements: &mut ClientStatements,
+    ) -> Result<bool, WireError> {
+        let mut progress = false;
+        loop {
+            if let Some(m) = &mut self.server_msg {
+                let n = m.remaining.min(self.server_in.len());
+                if n == 0 {
+                    break;
+                }
+                self.to_client.extend_from_slice(&self.server_in[..n]);
+                self.server_in.advance(n);
+                m.remaining -= n;
+                if m.remaining == 0 {
+                    self.server_msg = None;
+                    self.tracker.drain_injects(&mut self.to_client);
+                }
+                progress = true;
+                continue;
+            }
+            if self.server_in.len() < 5 {
+                break;
+            }
+            let tag = self.server_in[0];
+            let len = u32::from_be_bytes([
+                self.server_in[1],
+                self.server_in[2],
+                self.server_in[3],
+                self.server_in[4],
+            ]);
+            if len < 4 {
+                return Err(WireError::BadLength(len));
+            }
+            let body = (len - 4) as usize;
+            let whole = matches!(tag, b'Z' | b'S' | b'1' | b'3')
+                || (tag == b'C' && body < 1024)
+                || (tag == b'E' && body < 8192);
+            if whole && self.server_in.len() < 5 + body {
+                self.server_in.reserve(5 + body - self.server_in.len());
+                break;
+            }
+            let mut verdict = if self.rewrites() {
+                self.tracker.on_server_message(tag, &mut conn.statements)
+            } else {
+                Verdict::Forward
+            };
+            progress = true;
+            if !whole {
+                self.to_client.extend_from_slice(&self.server_in[..5]);
+                self.server_in.advance(5);
+                if body > 0 {
+                    self.server_msg = Some(Streaming {
+                        remaining: body,
+                        discard: false,
+                    });
+                } else {
+                    self.tracker.drain_injects(&mut self.to_client);
+                }
+                continue;
+            }
+            let msg = self.server_in.split_to(5 + body);
+            match tag {
+                b'Z' if body == 1 => {
+                    self.server_status = msg[5];
+                    self.awaiting_ready = self.awaiting_ready.saturating_sub(1);
+                    self.answered = true;
+                }
+                b'S' => self.track_parameter(conn, &msg[5..]),
+                b'E' => {
+                    if let Some(code) = fatal_code(&msg[5..]) {
+                        // In transaction mode a server going away (shutdown, crash, failover)
+                        // is not the client's end: it gets 08006 and keeps its connection.
+                        if self.mode == PoolMode::Transaction && code.starts_with("57P") {
+                            verdict = Verdict::Drop;
+                        }
+                        self.server_fatal = Some(code);
+                    }
+                }
+                b'C' => {
+                    let command = &msg[5..];
+                    if command.starts_with(b"DISCARD ALL") || command.starts_with(b"DEALLOCATE ALL")
+                    {
+                        conn.statements.clear();
+                        statements.clear();
+                    }
+                }
+                _ => {}
+            }
+            if verdict == Verdict::Forward {
+                self.to_client.extend_from_slice(&msg);
+            }
+            self.tracker.drain_injects(&mut self.to_client);
+        }
+        Ok(progress)
+    }
+
+    /// A ParameterStatus from the server: the server's value changed, and if it is one the
+    /// client keeps, the client's wanted value too.
+    fn track_parameter(&mut self, conn: &mut ServerConn, body: &[u8]) {
+        let mut parts = body.split(|&b| b == 0);
+        let (Some(name), Some(value)) = (parts.next(), parts.next()) else {
+            return;
+        };
+        let (Ok(name), Ok(value)) = (std::str::from_utf8(name), std::str::from_utf8(value)) else {
+            return;
+        };
+        conn.params.insert(name.to_string(), value.to_string());
+        if self.mode == PoolMode::Transaction
+            && self.tracked.iter().any(|t| t.eq_ignore_ascii_case(name))
+        {
+            match self
+                .wanted
+                .iter_mut()
+                .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            {
+                Some(entry) => entry.1 = value.to_string(),
+                None => self.wanted.push((name.to_string(), value.to_string())),
+            }
+        }
+    }
+
+    /// Moves bytes both ways until something needs the session's attention.
+    fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+        client: &mut Stream,
+        mut server: Option<&mut ServerConn>,
+        statements: &mut ClientStatements,
+    ) -> Poll<RelayEvent> {
         loop {
             let mut progress = false;
-            while !self.to_server.is_empty() {
-                match poll_write_buf(Pin::new(&mut *server), cx, &mut self.to_server) {
-                    Poll::Ready(Ok(0)) => return Poll::Ready(RelayEnd::ServerGone(io::ErrorKind::WriteZero.into())),
-                    Poll::Ready(Ok(_)) => progress = true,
-                    Poll::Ready(Err(e)) => return Poll::Ready(RelayEnd::ServerGone(e)),
-                    Poll::Pending => break,
+            if let Some(conn) = server.as_deref_mut() {
+                while !self.to_server.is_empty() {
+                    match poll_write_buf(Pin::new(&mut conn.stream), cx, &mut self.to_server) {
+                        Poll::Ready(Ok(0)) => {
+                            return Poll::Ready(RelayEvent::ServerGone(
+                                io::ErrorKind::WriteZero.into(),
+                            ))
+                        }
+                        Poll::Ready(Ok(_)) => progress = true,
+                        Poll::Ready(Err(e)) => return Poll::Ready(RelayEvent::ServerGone(e)),
+                        Poll::Pending => break,
+                    }
                 }
             }
             while !self.to_client.is_empty() {
                 match poll_write_buf(Pin::new(&mut *client), cx, &mut self.to_client) {
-                    Poll::Ready(Ok(0)) => return Poll::Ready(RelayEnd::ClientGone(io::ErrorKind::WriteZero.into())),
+                    Poll::Ready(Ok(0)) => {
+                        return Poll::Ready(RelayEvent::ClientGone(io::ErrorKind::WriteZero.into()))
+                    }
                     Poll::Ready(Ok(_)) => progress = true,
-                    Poll::Ready(Err(e)) => return Poll::Ready(RelayEnd::ClientGone(e)),
+                    Poll::Ready(Err(e)) => return Poll::Ready(RelayEvent::ClientGone(e)),
                     Poll::Pending => break,
                 }
             }
             if self.client_done && self.to_server.is_empty() {
-                return Poll::Ready(RelayEnd::ClientLeft);
+                return Poll::Ready(RelayEvent::ClientLeft);
             }
-            if !self.client_done && self.to_server.len() < HIGH_WATER {
-                match poll_read_more(&mut self.to_server, client, cx) {
-                    Poll::Ready(Ok((_, 0))) => return Poll::Ready(RelayEnd::ClientGone(io::ErrorKind::UnexpectedEof.into())),
-                    Poll::Ready(Ok((from, _))) => {
-                        if let Err(e) = self.scan_client(from) {
-                            return Poll::Ready(RelayEnd::ClientProtocol(e));
+            if !self.client_done
+                && self.to_server.len() < HIGH_WATER
+                && self.client_in.len() < HIGH_WATER
+            {
+                // An idle client costs no buffer: wait for readability before allocating.
+                let ready = if self.client_in.capacity() == 0 {
+                    client.poll_read_ready(cx).is_ready()
+                } else {
+                    true
+                };
+                if ready {
+                    match poll_read_more(&mut self.client_in, CLIENT_READ, client, cx) {
+                        Poll::Ready(Ok(0)) => {
+                            return Poll::Ready(RelayEvent::ClientGone(
+                                io::ErrorKind::UnexpectedEof.into(),
+                            ))
                         }
-                        progress = true;
+                        Poll::Ready(Ok(_)) => progress = true,
+                        Poll::Ready(Err(e)) => return Poll::Ready(RelayEvent::ClientGone(e)),
+                        Poll::Pending => {}
                     }
-                    Poll::Ready(Err(e)) => return Poll::Ready(RelayEnd::ClientGone(e)),
-                    Poll::Pending => {}
                 }
             }
+            match self.process_client(server.as_deref_mut(), statements) {
+                Ok(p) => progress |= p,
+                Err(e) => return Poll::Ready(RelayEvent::ClientProtocol(e)),
+            }
+            if self.client_done && self.to_server.is_empty() {
+                return Poll::Ready(RelayEvent::ClientLeft);
+            }
+            let Some(conn) = server.as_deref_mut() else {
+                if !self.client_in.is_empty() && self.failing.is_none() && self.client_msg.is_none()
+                {
+                    return Poll::Ready(RelayEvent::NeedServer);
+                }
+                if !progress {
+                    return Poll::Pending;
+                }
+                continue;
+            };
             if self.to_client.len() < HIGH_WATER {
-                match poll_read_more(&mut self.to_client, server, cx) {
-                    Poll::Ready(Ok((_, 0))) => return Poll::Ready(RelayEnd::ServerGone(io::ErrorKind::UnexpectedEof.into())),
-                    Poll::Ready(Ok((from, _))) => {
-                        if let Err(e) = self.scan_server(from) {
-                            return Poll::Ready(RelayEnd::ServerGone(io::Error::new(io::ErrorKind::InvalidData, e)));
-                        }
-                        progress = true;
+                match poll_read_more(&mut self.server_in, SERVER_READ, &mut conn.stream, cx) {
+                    Poll::Ready(Ok(0)) => {
+                        return Poll::Ready(RelayEvent::ServerGone(
+                            io::ErrorKind::UnexpectedEof.into(),
+                        ))
                     }
-                    Poll::Ready(Err(e)) => return Poll::Ready(RelayEnd::ServerGone(e)),
+                    Poll::Ready(Ok(_)) => progress = true,
+                    Poll::Ready(Err(e)) => return Poll::Ready(RelayEvent::ServerGone(e)),
                     Poll::Pending => {}
                 }
+            }
+            match self.process_server(conn, statements) {
+                Ok(p) => {
+                    progress |= p;
+                    for name in self.tracker.confirmed.drain(..) {
+                        self.known.insert(name);
+                    }
+                }
+                Err(e) => {
+                    return Poll::Ready(RelayEvent::ServerGone(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        e,
+                    )))
+                }
+            }
+            if self.mode == PoolMode::Transaction
+                && self.answered
+                && self.server_status == b'I'
+                && self.server_is_quiet()
+            {
+                // Hand the server back as soon as its answer is framed; the client still gets it.
+                return Poll::Ready(RelayEvent::ServerIdle);
             }
             if !progress {
                 return Poll::Pending;
@@ -348,10 +933,49 @@ impl Relay {
     }
 }
 
-/// Reads into the end of `buf`; returns where the new bytes start and how many arrived.
-fn poll_read_more(buf: &mut BytesMut, io: &mut Stream, cx: &mut Context<'_>) -> Poll<io::Result<(usize, usize)>> {
-    let from = buf.len();
-    buf.reserve(READ_CHUNK);
+/// Buffers what a client sends while it waits for a server, and returns once it closes: a
+/// client that gives up does not keep its place in the queue.
+async fn read_until_closed(stream: &mut Stream, buf: &mut BytesMut) {
+    loop {
+        if buf.len() >= HIGH_WATER {
+            std::future::pending::<()>().await;
+        }
+        buf.reserve(CLIENT_READ);
+        match tokio::io::AsyncReadExt::read_buf(stream, buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
+}
+
+/// Reads into the end of `buf`; returns how many bytes arrived (0 = end of stream).
+fn poll_read_more(
+    buf: &mut BytesMut,
+    chunk: usize,
+    io: &mut Stream,
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<usize>> {
+    if buf.capacity() - buf.len() < chunk / 4 {
+        buf.reserve(chunk);
+    }
     let n = ready!(poll_read_buf(Pin::new(io), cx, buf))?;
-    Poll::Ready(Ok((from, n)))
+    Poll::Ready(Ok(n))
+}
+
+/// The SQLSTATE of an ErrorResponse body whose severity is FATAL or PANIC.
+fn fatal_code(body: &[u8]) -> Option<String> {
+    let mut fatal = false;
+    let mut code = None;
+    for field in body.split(|&b| b == 0) {
+        match field.split_first() {
+            Some((b'V' | b'S', v)) if v == b"FATAL" || v == b"PANIC" => fatal = true,
+            Some((b'C', c)) => code = std::str::from_utf8(c).ok().map(str::to_string),
+            _ => {}
+        }
+    }
+    if fatal {
+        code
+    } else {
+        None
+    }
 }

@@ -27,6 +27,15 @@ impl Stream {
         !matches!(self, Stream::Plain(_))
     }
 
+    /// Ready when a read would not block. For TLS streams rustls may hold buffered plaintext,
+    /// so they always report ready and the caller reads.
+    pub fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self {
+            Stream::Plain(s) => s.poll_read_ready(cx),
+            _ => Poll::Ready(Ok(())),
+        }
+    }
+
     pub fn tcp(&self) -> &TcpStream {
         match self {
             Stream::Plain(s) => s,

@@ -93,7 +93,11 @@ pub fn parse_startup(buf: &[u8]) -> Result<Option<(StartupPacket, usize)>, WireE
     Ok(Some((packet, len)))
 }
 
-fn parse_startup_params(major: u16, minor: u16, mut rest: &[u8]) -> Result<StartupMessage, WireError> {
+fn parse_startup_params(
+    major: u16,
+    minor: u16,
+    mut rest: &[u8],
+) -> Result<StartupMessage, WireError> {
     let mut params = Vec::new();
     let mut protocol_options = Vec::new();
     loop {
@@ -226,7 +230,10 @@ impl Scanner {
 
 /// Splits complete messages off the front of `buf`: `(tag, body)` with the body bytes split out
 /// as their own buffer. For control paths (startup, auth) where messages are small.
-pub fn take_message(buf: &mut BytesMut, max_body: usize) -> Result<Option<(u8, BytesMut)>, WireError> {
+pub fn take_message(
+    buf: &mut BytesMut,
+    max_body: usize,
+) -> Result<Option<(u8, BytesMut)>, WireError> {
     if buf.len() < 5 {
         return Ok(None);
     }
@@ -483,7 +490,10 @@ mod tests {
             Err(WireError::BadStartupLength)
         );
         let v2 = startup_bytes(&[("user", "a")], 2 << 16);
-        assert_eq!(parse_startup(&v2), Err(WireError::UnsupportedProtocol(2, 0)));
+        assert_eq!(
+            parse_startup(&v2),
+            Err(WireError::UnsupportedProtocol(2, 0))
+        );
     }
 
     #[test]

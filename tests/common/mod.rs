@@ -46,7 +46,9 @@ impl TestEnv {
             .expect("cluster task")
             .unwrap_or_else(|e| panic!("cannot start the PostgreSQL cluster: {e:#}"));
         let config = config_for(&cluster, tweak);
-        let proxy = pgswitch::server::start(config).await.expect("pgswitch starts");
+        let proxy = pgswitch::server::start(config)
+            .await
+            .expect("pgswitch starts");
         TestEnv { proxy, cluster }
     }
 

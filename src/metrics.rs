@@ -1,0 +1,1104 @@
+//! Every metric pgswitch exports, named in one place.
+//!
+//! Names carry the `pgswitch_` prefix and their unit (`_seconds`, `_bytes`, `_total` for
+//! counters); labels are low-cardinality: `node` and `pool` (bounded by the config and the
+//! databases clients use), and closed sets for `role`, `state`, `result`, `mode`, `phase`,
+//! `kind`, `reason` and `direction`.
+//!
+//! Two kinds of metrics:
+//! - Events (counters, histograms) are recorded by the data path and the control plane through
+//!   the small typed functions below (`query_finished`, `failover`, ...). On the hottest paths,
+//!   keep a [`PoolMetrics`] per pool: it holds registered handles, so recording is one atomic
+//!   operation with no lookup and no allocation.
+//! - State (pool sizes, client counts, node up/role/lag, epoch, paused) is read from the `Proxy`
+//!   and the `Topology` by [`refresh`] when `/metrics` is scraped, so the data path pays nothing
+//!   for it.
+//!
+//! The Prometheus recorder is installed once per process by [`install`] (called by
+//! `server::start`, and implicitly by every recording function, so nothing recorded is lost).
+
+use std::sync::OnceLock;
+
+use ::metrics::{counter, gauge, histogram, Counter, Histogram, Unit};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tracing::warn;
+
+use crate::cluster::{Role, Topology};
+use crate::frontend::Proxy;
+
+/// The kind of a metric, as Prometheus sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Counter => "counter",
+            Kind::Gauge => "gauge",
+            Kind::Histogram => "histogram",
+        }
+    }
+}
+
+/// One exported metric: its name, kind, labels and meaning (the README table is this list).
+#[derive(Debug, Clone, Copy)]
+pub struct MetricDef {
+    pub name: &'static str,
+    pub kind: Kind,
+    pub labels: &'static [&'static str],
+    pub help: &'static str,
+    unit: Option<Unit>,
+    buckets: Option<&'static [f64]>,
+}
+
+const fn def(
+    name: &'static str,
+    kind: Kind,
+    labels: &'static [&'static str],
+    unit: Option<Unit>,
+    help: &'static str,
+) -> MetricDef {
+    MetricDef {
+        name,
+        kind,
+        labels,
+        help,
+        unit,
+        buckets: None,
+    }
+}
+
+const fn hist(
+    name: &'static str,
+    labels: &'static [&'static str],
+    buckets: &'static [f64],
+    help: &'static str,
+) -> MetricDef {
+    MetricDef {
+        name,
+        kind: Kind::Histogram,
+        labels,
+        help,
+        unit: Some(Unit::Seconds),
+        buckets: Some(buckets),
+    }
+}
+
+/// Latency of queries and transactions: 0.5 ms to a minute.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0,
+];
+/// Waiting for a pooled server: mostly zero, up to the pool timeout / failover hold.
+const WAIT_BUCKETS: &[f64] = &[
+    0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+/// One diagnosis round trip to a node (bounded by `diagnosis.timeout_ms`).
+const DIAGNOSIS_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
+/// Failover phases: tens of milliseconds (fence, publish) to minutes (waiting for replay).
+const FAILOVER_BUCKETS: &[f64] = &[
+    0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 15.0, 30.0, 60.0, 120.0,
+];
+
+// Names. Use these constants (or better, the functions below), never a string literal elsewhere.
+pub const BUILD_INFO: &str = "pgswitch_build_info";
+pub const CLIENT_CONNECTIONS: &str = "pgswitch_client_connections";
+pub const MAX_CLIENT_CONNECTIONS: &str = "pgswitch_max_client_connections";
+pub const CLIENT_CONNECTIONS_OPENED: &str = "pgswitch_client_connections_opened_total";
+pub const CLIENT_CONNECTIONS_CLOSED: &str = "pgswitch_client_connections_closed_total";
+pub const CLIENT_LOGIN_FAILURES: &str = "pgswitch_client_login_failures_total";
+pub const SERVER_CONNECTIONS: &str = "pgswitch_server_connections";
+pub const SERVER_CONNECTIONS_OPENED: &str = "pgswitch_server_connections_opened_total";
+pub const SERVER_CONNECTIONS_CLOSED: &str = "pgswitch_server_connections_closed_total";
+pub const SERVER_CONNECT_FAILURES: &str = "pgswitch_server_connect_failures_total";
+pub const POOL_SIZE: &str = "pgswitch_pool_size";
+pub const POOL_SERVER_CONNECTIONS: &str = "pgswitch_pool_server_connections";
+pub const POOL_CLIENTS_WAITING: &str = "pgswitch_pool_clients_waiting";
+pub const POOL_WAIT: &str = "pgswitch_pool_wait_seconds";
+pub const POOL_ACQUIRE_FAILURES: &str = "pgswitch_pool_acquire_failures_total";
+pub const QUERY_DURATION: &str = "pgswitch_query_duration_seconds";
+pub const TRANSACTION_DURATION: &str = "pgswitch_transaction_duration_seconds";
+pub const RELAYED_BYTES: &str = "pgswitch_relayed_bytes_total";
+pub const SESSION_STATE_HAZARDS: &str = "pgswitch_session_state_hazards_total";
+pub const PAUSED: &str = "pgswitch_paused";
+pub const NODE_UP: &str = "pgswitch_node_up";
+pub const NODE_ROLE: &str = "pgswitch_node_role";
+pub const NODE_TIMELINE: &str = "pgswitch_node_timeline";
+pub const NODE_LAG: &str = "pgswitch_node_replication_lag_bytes";
+pub const NODE_REPLAY_LAG: &str = "pgswitch_node_replay_lag_bytes";
+pub const NODE_DIAGNOSIS_LATENCY: &str = "pgswitch_node_diagnosis_latency_seconds";
+pub const NODE_CONSECUTIVE_FAILURES: &str = "pgswitch_node_consecutive_failures";
+pub const NODE_DIAGNOSES: &str = "pgswitch_node_diagnoses_total";
+pub const NODE_DIAGNOSIS_DURATION: &str = "pgswitch_node_diagnosis_duration_seconds";
+pub const PRIMARY_AVAILABLE: &str = "pgswitch_primary_available";
+pub const EPOCH: &str = "pgswitch_epoch";
+pub const FAILOVERS: &str = "pgswitch_failovers_total";
+pub const FAILOVER_PHASE_DURATION: &str = "pgswitch_failover_phase_duration_seconds";
+pub const HOLD_ACTIVE: &str = "pgswitch_hold_active";
+pub const CLIENTS_HELD: &str = "pgswitch_clients_held";
+pub const TRANSACTIONS_ABORTED_BY_FAILOVER: &str =
+    "pgswitch_transactions_aborted_by_failover_total";
+pub const CONFIG_RELOADS: &str = "pgswitch_config_reloads_total";
+
+/// Every metric pgswitch exports.
+pub const CATALOG: &[MetricDef] = &[
+    def(BUILD_INFO, Kind::Gauge, &["version"], None, "Always 1; the version label tells which pgswitch runs."),
+    def(CLIENT_CONNECTIONS, Kind::Gauge, &["state"], Some(Unit::Count), "Client connections now, by state: active (holding a server connection), waiting (for a server connection), idle (the rest, including clients still logging in)."),
+    def(MAX_CLIENT_CONNECTIONS, Kind::Gauge, &[], Some(Unit::Count), "The max_client_connections setting: clients beyond it are refused with 53300."),
+    def(CLIENT_CONNECTIONS_OPENED, Kind::Counter, &[], Some(Unit::Count), "Clients that logged in."),
+    def(CLIENT_CONNECTIONS_CLOSED, Kind::Counter, &[], Some(Unit::Count), "Logged-in clients that disconnected."),
+    def(CLIENT_LOGIN_FAILURES, Kind::Counter, &["reason"], Some(Unit::Count), "Client connections refused before or during login, by reason: auth, too_many_clients, protocol, tls, timeout."),
+    def(SERVER_CONNECTIONS, Kind::Gauge, &["state"], Some(Unit::Count), "Server connections in all pools now, by state: active (lent to a client), idle."),
+    def(SERVER_CONNECTIONS_OPENED, Kind::Counter, &["node"], Some(Unit::Count), "Server connections opened, by node."),
+    def(SERVER_CONNECTIONS_CLOSED, Kind::Counter, &["node"], Some(Unit::Count), "Server connections closed, by node."),
+    def(SERVER_CONNECT_FAILURES, Kind::Counter, &["node"], Some(Unit::Count), "Attempts to open a server connection that failed, by node."),
+    def(POOL_SIZE, Kind::Gauge, &["pool"], Some(Unit::Count), "Most server connections a pool (user/database) may hold."),
+    def(POOL_SERVER_CONNECTIONS, Kind::Gauge, &["pool", "state"], Some(Unit::Count), "Server connections of a pool now, by state: active, idle."),
+    def(POOL_CLIENTS_WAITING, Kind::Gauge, &["pool"], Some(Unit::Count), "Clients waiting for a server connection of this pool now."),
+    hist(POOL_WAIT, &["pool"], WAIT_BUCKETS, "Time a client waited for a server connection (including a failover hold)."),
+    def(POOL_ACQUIRE_FAILURES, Kind::Counter, &["pool", "reason"], Some(Unit::Count), "Clients that got no server connection, by reason: timeout, no_primary, server_error."),
+    hist(QUERY_DURATION, &["pool"], LATENCY_BUCKETS, "Query latency seen by the proxy, from the client's query to the server's ReadyForQuery."),
+    hist(TRANSACTION_DURATION, &["pool"], LATENCY_BUCKETS, "Transaction latency, from its first query to the ReadyForQuery that ends it."),
+    def(RELAYED_BYTES, Kind::Counter, &["direction"], Some(Unit::Bytes), "Bytes relayed between clients and servers, by direction: client_to_server, server_to_client."),
+    def(SESSION_STATE_HAZARDS, Kind::Counter, &["kind"], Some(Unit::Count), "Session state used in transaction pooling mode that does not survive a server change, by kind: prepare, listen, advisory_lock, temp_table, set."),
+    def(PAUSED, Kind::Gauge, &[], None, "1 while paused by the admin API (POST /pause), else 0."),
+    def(NODE_UP, Kind::Gauge, &["node"], None, "1 if the last diagnosis of the node succeeded, else 0."),
+    def(NODE_ROLE, Kind::Gauge, &["node", "role"], None, "1 for the node's role as last diagnosed (primary, standby, unknown), 0 for the other roles."),
+    def(NODE_TIMELINE, Kind::Gauge, &["node"], None, "The node's timeline as last diagnosed."),
+    def(NODE_LAG, Kind::Gauge, &["node"], Some(Unit::Bytes), "WAL the node has not received yet: primary's current LSN minus the node's received LSN (0 on the primary)."),
+    def(NODE_REPLAY_LAG, Kind::Gauge, &["node"], Some(Unit::Bytes), "WAL the node has not replayed yet: primary's current LSN minus the node's replay LSN (0 on the primary)."),
+    def(NODE_DIAGNOSIS_LATENCY, Kind::Gauge, &["node"], Some(Unit::Seconds), "Round trip of the node's last successful diagnosis."),
+    def(NODE_CONSECUTIVE_FAILURES, Kind::Gauge, &["node"], Some(Unit::Count), "Diagnoses of the node that failed in a row."),
+    def(NODE_DIAGNOSES, Kind::Counter, &["node", "result"], Some(Unit::Count), "Diagnoses run, by node and result: ok, failed."),
+    hist(NODE_DIAGNOSIS_DURATION, &["node"], DIAGNOSIS_BUCKETS, "Time one diagnosis of a node took (successful or not)."),
+    def(PRIMARY_AVAILABLE, Kind::Gauge, &[], None, "1 when a primary is known (a node answered diagnosis as primary), else 0; see /ready for whether writes are routed now."),
+    def(EPOCH, Kind::Gauge, &[], None, "Current cluster epoch: raised by one at every change of primary."),
+    def(FAILOVERS, Kind::Counter, &["mode", "result"], Some(Unit::Count), "Failovers and switchovers, by mode (automatic, switchover) and result (success, failed, refused)."),
+    hist(FAILOVER_PHASE_DURATION, &["phase"], FAILOVER_BUCKETS, "Duration of each failover phase: detect, fence, elect, promote, publish, repoint, first_write, and total."),
+    def(HOLD_ACTIVE, Kind::Gauge, &[], None, "1 while new transactions are held waiting for a primary (failover or switchover), else 0."),
+    def(CLIENTS_HELD, Kind::Gauge, &[], Some(Unit::Count), "Clients waiting for a new primary now."),
+    def(TRANSACTIONS_ABORTED_BY_FAILOVER, Kind::Counter, &["result"], Some(Unit::Count), "In-flight transactions cut by a failover, by result: rolled_back (08006), unknown (08007: COMMIT was in flight)."),
+    def(CONFIG_RELOADS, Kind::Counter, &["result"], Some(Unit::Count), "Configuration reloads (SIGHUP), by result: ok, rejected."),
+];
+
+// ---------------------------------------------------------------------------------------------
+// Closed label sets.
+
+/// Which way relayed bytes went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    ClientToServer,
+    ServerToClient,
+}
+
+impl Direction {
+    pub const ALL: [Direction; 2] = [Direction::ClientToServer, Direction::ServerToClient];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::ClientToServer => "client_to_server",
+            Direction::ServerToClient => "server_to_client",
+        }
+    }
+}
+
+/// Why a client was refused before or during login.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoginFailure {
+    Auth,
+    TooManyClients,
+    Protocol,
+    Tls,
+    Timeout,
+}
+
+impl LoginFailure {
+    pub const ALL: [LoginFailure; 5] = [
+        LoginFailure::Auth,
+        LoginFailure::TooManyClients,
+        LoginFailure::Protocol,
+        LoginFailure::Tls,
+        LoginFailure::Timeout,
+    ];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LoginFailure::Auth => "auth",
+            LoginFailure::TooManyClients => "too_many_clients",
+            LoginFailure::Protocol => "protocol",
+            LoginFailure::Tls => "tls",
+            LoginFailure::Timeout => "timeout",
+        }
+    }
+}
+
+/// Why a client got no server connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AcquireFailure {
+    Timeout,
+    NoPrimary,
+    ServerError,
+}
+
+impl AcquireFailure {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AcquireFailure::Timeout => "timeout",
+            AcquireFailure::NoPrimary => "no_primary",
+            AcquireFailure::ServerError => "server_error",
+        }
+    }
+}
+
+/// Session state that transaction pooling cannot carry from one server to another.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hazard {
+    Prepare,
+    Listen,
+    AdvisoryLock,
+    TempTable,
+    Set,
+}
+
+impl Hazard {
+    pub const ALL: [Hazard; 5] = [
+        Hazard::Prepare,
+        Hazard::Listen,
+        Hazard::AdvisoryLock,
+        Hazard::TempTable,
+        Hazard::Set,
+    ];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Hazard::Prepare => "prepare",
+            Hazard::Listen => "listen",
+            Hazard::AdvisoryLock => "advisory_lock",
+            Hazard::TempTable => "temp_table",
+            Hazard::Set => "set",
+        }
+    }
+}
+
+/// What started a change of primary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailoverMode {
+    /// The primary stopped serving.
+    Automatic,
+    /// Asked for through `POST /switchover` / `pgswitch switchover`.
+    Switchover,
+}
+
+impl FailoverMode {
+    pub const ALL: [FailoverMode; 2] = [FailoverMode::Automatic, FailoverMode::Switchover];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailoverMode::Automatic => "automatic",
+            FailoverMode::Switchover => "switchover",
+        }
+    }
+}
+
+/// How a failover or switchover ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailoverResult {
+    /// A new primary was published.
+    Success,
+    /// It was tried and did not work; the cluster was left as it was.
+    Failed,
+    /// It was not tried: no safe candidate (lag, `require_sync`), or another proxy runs it.
+    Refused,
+}
+
+impl FailoverResult {
+    pub const ALL: [FailoverResult; 3] = [
+        FailoverResult::Success,
+        FailoverResult::Failed,
+        FailoverResult::Refused,
+    ];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailoverResult::Success => "success",
+            FailoverResult::Failed => "failed",
+            FailoverResult::Refused => "refused",
+        }
+    }
+}
+
+/// The steps of a failover (see DESIGN.md, "Failover, step by step").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailoverPhase {
+    /// First failed diagnosis of the primary until the decision to fail over.
+    Detect,
+    /// Holding clients and dropping server connections to the old primary (and the epoch barrier).
+    Fence,
+    /// Freezing the standbys and choosing the candidate.
+    Elect,
+    /// Replay catch-up, `pg_promote`, confirmation, checkpoint.
+    Promote,
+    /// Writing the new epoch (state file / etcd).
+    Publish,
+    /// Re-pointing the other standbys.
+    Repoint,
+    /// Publication until the first write committed on the new primary.
+    FirstWrite,
+    /// Detection until clients are released to the new primary.
+    Total,
+}
+
+impl FailoverPhase {
+    pub const ALL: [FailoverPhase; 8] = [
+        FailoverPhase::Detect,
+        FailoverPhase::Fence,
+        FailoverPhase::Elect,
+        FailoverPhase::Promote,
+        FailoverPhase::Publish,
+        FailoverPhase::Repoint,
+        FailoverPhase::FirstWrite,
+        FailoverPhase::Total,
+    ];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailoverPhase::Detect => "detect",
+            FailoverPhase::Fence => "fence",
+            FailoverPhase::Elect => "elect",
+            FailoverPhase::Promote => "promote",
+            FailoverPhase::Publish => "publish",
+            FailoverPhase::Repoint => "repoint",
+            FailoverPhase::FirstWrite => "first_write",
+            FailoverPhase::Total => "total",
+        }
+    }
+}
+
+/// What a client whose transaction a failover cut was told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AbortOutcome {
+    /// `08006`: the transaction was rolled back.
+    RolledBack,
+    /// `08007`: its COMMIT was in flight; whether it committed is unknown.
+    Unknown,
+}
+
+impl AbortOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AbortOutcome::RolledBack => "rolled_back",
+            AbortOutcome::Unknown => "unknown",
+        }
+    }
+}
+
+fn role_str(role: Role) -> &'static str {
+    match role {
+        Role::Primary => "primary",
+        Role::Standby => "standby",
+        Role::Unknown => "unknown",
+    }
+}
+
+const ROLES: [Role; 3] = [Role::Primary, Role::Standby, Role::Unknown];
+
+// ---------------------------------------------------------------------------------------------
+// The recorder.
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the Prometheus recorder as the process's global `metrics` recorder, once; later
+/// calls return the same handle. Describes every metric and creates the counters with a closed
+/// label set at zero, so alert rules see them before the first event.
+pub fn install() -> PrometheusHandle {
+    HANDLE.get_or_init(build_and_install).clone()
+}
+
+fn build_and_install() -> PrometheusHandle {
+    let builder = match with_buckets(PrometheusBuilder::new()) {
+        Ok(b) => b,
+        Err(e) => {
+            warn!(error = %e, "histogram buckets rejected; histograms are exported as summaries");
+            PrometheusBuilder::new()
+        }
+    };
+    let recorder = builder.build_recorder();
+    let handle = recorder.handle();
+    if let Err(e) = ::metrics::set_global_recorder(recorder) {
+        // Another recorder was installed first (by an embedding program): /metrics then shows
+        // nothing recorded, which is visible, rather than failing the proxy.
+        warn!(error = %e, "another metrics recorder is installed; /metrics stays empty");
+        return handle;
+    }
+    describe_all();
+    seed();
+    handle
+}
+
+fn with_buckets(
+    mut builder: PrometheusBuilder,
+) -> Result<PrometheusBuilder, metrics_exporter_prometheus::BuildError> {
+    for m in CATALOG {
+        if let Some(buckets) = m.buckets {
+            builder = builder.set_buckets_for_metric(Matcher::Full(m.name.to_string()), buckets)?;
+        }
+    }
+    Ok(builder)
+}
+
+fn describe_all() {
+    for m in CATALOG {
+        match (m.kind, m.unit) {
+            (Kind::Counter, Some(unit)) => ::metrics::describe_counter!(m.name, unit, m.help),
+            (Kind::Counter, None) => ::metrics::describe_counter!(m.name, m.help),
+            (Kind::Gauge, Some(unit)) => ::metrics::describe_gauge!(m.name, unit, m.help),
+            (Kind::Gauge, None) => ::metrics::describe_gauge!(m.name, m.help),
+            (Kind::Histogram, Some(unit)) => ::metrics::describe_histogram!(m.name, unit, m.help),
+            (Kind::Histogram, None) => ::metrics::describe_histogram!(m.name, m.help),
+        }
+    }
+}
+
+/// Series that exist from the start: alert rules and `increase()` need a zero to compare with.
+fn seed() {
+    gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    counter!(CLIENT_CONNECTIONS_OPENED).absolute(0);
+    counter!(CLIENT_CONNECTIONS_CLOSED).absolute(0);
+    for reason in LoginFailure::ALL {
+        counter!(CLIENT_LOGIN_FAILURES, "reason" => reason.as_str()).increment(0);
+    }
+    for direction in Direction::ALL {
+        counter!(RELAYED_BYTES, "direction" => direction.as_str()).increment(0);
+    }
+    for kind in Hazard::ALL {
+        counter!(SESSION_STATE_HAZARDS, "kind" => kind.as_str()).increment(0);
+    }
+    for mode in FailoverMode::ALL {
+        for result in FailoverResult::ALL {
+            counter!(FAILOVERS, "mode" => mode.as_str(), "result" => result.as_str()).increment(0);
+        }
+    }
+    for result in [AbortOutcome::RolledBack, AbortOutcome::Unknown] {
+        counter!(TRANSACTIONS_ABORTED_BY_FAILOVER, "result" => result.as_str()).increment(0);
+    }
+    for result in ["ok", "rejected"] {
+        counter!(CONFIG_RELOADS, "result" => result).increment(0);
+    }
+    gauge!(HOLD_ACTIVE).set(0.0);
+    gauge!(CLIENTS_HELD).set(0.0);
+}
+
+/// The current metrics in the Prometheus text format. Also drains recorded histogram samples.
+pub fn render() -> String {
+    install().render()
+}
+
+/// Folds histogram samples into their buckets; run it periodically so memory stays bounded
+/// when nobody scrapes (the admin server does, every few seconds).
+pub fn run_upkeep() {
+    install().run_upkeep();
+}
+
+/// Cached handles of the hottest label-free series.
+struct Hot {
+    client_opened: Counter,
+    client_closed: Counter,
+    client_to_server: Counter,
+    server_to_client: Counter,
+}
+
+fn hot() -> &'static Hot {
+    static HOT: OnceLock<Hot> = OnceLock::new();
+    HOT.get_or_init(|| {
+        install();
+        Hot {
+            client_opened: counter!(CLIENT_CONNECTIONS_OPENED),
+            client_closed: counter!(CLIENT_CONNECTIONS_CLOSED),
+            client_to_server: counter!(RELAYED_BYTES, "direction" => Direction::ClientToServer.as_str()),
+            server_to_client: counter!(RELAYED_BYTES, "direction" => Direction::ServerToClient.as_str()),
+        }
+    })
+}
+
+/// Makes sure events recorded before `server::start` (tests, tools) are not lost.
+fn ready() {
+    HANDLE.get_or_init(build_and_install);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Per-pool handles for the data path.
+
+/// Registered handles of one pool's series. Create one per pool (`PoolMetrics::new(&key.to_string())`)
+/// and keep it: recording is then one atomic operation.
+#[derive(Clone)]
+pub struct PoolMetrics {
+    query: Histogram,
+    transaction: Histogram,
+    wait: Histogram,
+}
+
+impl PoolMetrics {
+    /// `pool` is the pool's `user/database`.
+    pub fn new(pool: &str) -> PoolMetrics {
+        ready();
+        PoolMetrics {
+            query: histogram!(QUERY_DURATION, "pool" => pool.to_string()),
+            transaction: histogram!(TRANSACTION_DURATION, "pool" => pool.to_string()),
+            wait: histogram!(POOL_WAIT, "pool" => pool.to_string()),
+        }
+    }
+
+    pub fn query_finished(&self, seconds: f64) {
+        self.query.record(seconds);
+    }
+
+    pub fn transaction_finished(&self, seconds: f64) {
+        self.transaction.record(seconds);
+    }
+
+    pub fn pool_wait(&self, seconds: f64) {
+        self.wait.record(seconds);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Events: clients, pools, servers.
+
+/// A client logged in.
+pub fn client_connected() {
+    hot().client_opened.increment(1);
+}
+
+/// A logged-in client disconnected.
+pub fn client_disconnected() {
+    hot().client_closed.increment(1);
+}
+
+/// A client was refused before or during login.
+pub fn client_login_failed(reason: LoginFailure) {
+    ready();
+    counter!(CLIENT_LOGIN_FAILURES, "reason" => reason.as_str()).increment(1);
+}
+
+/// A query finished (ReadyForQuery after it). `pool` is `user/database`; on hot paths prefer
+/// [`PoolMetrics::query_finished`].
+pub fn query_finished(pool: &str, seconds: f64) {
+    ready();
+    histogram!(QUERY_DURATION, "pool" => pool.to_string()).record(seconds);
+}
+
+/// A transaction finished (committed, rolled back, or an implicit single-statement one).
+pub fn transaction_finished(pool: &str, seconds: f64) {
+    ready();
+    histogram!(TRANSACTION_DURATION, "pool" => pool.to_string()).record(seconds);
+}
+
+/// A client got a server connection after waiting `seconds`.
+pub fn pool_wait(pool: &str, seconds: f64) {
+    ready();
+    histogram!(POOL_WAIT, "pool" => pool.to_string()).record(seconds);
+}
+
+/// A client got no server connection.
+pub fn pool_acquire_failed(pool: &str, reason: AcquireFailure) {
+    ready();
+    counter!(POOL_ACQUIRE_FAILURES, "pool" => pool.to_string(), "reason" => reason.as_str())
+        .increment(1);
+}
+
+/// `n` bytes were relayed in `direction`.
+pub fn bytes_relayed(direction: Direction, n: u64) {
+    let hot = hot();
+    match direction {
+        Direction::ClientToServer => hot.client_to_server.increment(n),
+        Direction::ServerToClient => hot.server_to_client.increment(n),
+    }
+}
+
+pub fn server_connection_opened(node: &str) {
+    ready();
+    counter!(SERVER_CONNECTIONS_OPENED, "node" => node.to_string()).increment(1);
+}
+
+pub fn server_connection_closed(node: &str) {
+    ready();
+    counter!(SERVER_CONNECTIONS_CLOSED, "node" => node.to_string()).increment(1);
+}
+
+pub fn server_connect_failed(node: &str) {
+    ready();
+    counter!(SERVER_CONNECT_FAILURES, "node" => node.to_string()).increment(1);
+}
+
+/// A client used session state that transaction pooling cannot keep.
+pub fn session_state_hazard(kind: Hazard) {
+    ready();
+    counter!(SESSION_STATE_HAZARDS, "kind" => kind.as_str()).increment(1);
+}
+
+/// A configuration reload was applied (`ok = true`) or rejected.
+pub fn config_reloaded(ok: bool) {
+    ready();
+    counter!(CONFIG_RELOADS, "result" => if ok { "ok" } else { "rejected" }).increment(1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Events: control plane.
+
+/// One diagnosis of `node` finished. `lag_bytes` is the received-WAL lag behind the primary
+/// when known; `latency_seconds` how long the diagnosis took.
+pub fn node_diagnosed(
+    node: &str,
+    up: bool,
+    role: Role,
+    lag_bytes: Option<u64>,
+    latency_seconds: f64,
+) {
+    ready();
+    let result = if up { "ok" } else { "failed" };
+    counter!(NODE_DIAGNOSES, "node" => node.to_string(), "result" => result).increment(1);
+    histogram!(NODE_DIAGNOSIS_DURATION, "node" => node.to_string()).record(latency_seconds);
+    gauge!(NODE_UP, "node" => node.to_string()).set(if up { 1.0 } else { 0.0 });
+    set_role(node, role);
+    if let Some(lag) = lag_bytes {
+        gauge!(NODE_LAG, "node" => node.to_string()).set(lag as f64);
+    }
+    if up {
+        gauge!(NODE_DIAGNOSIS_LATENCY, "node" => node.to_string()).set(latency_seconds);
+    }
+}
+
+fn set_role(node: &str, role: Role) {
+    for r in ROLES {
+        let value = if r == role { 1.0 } else { 0.0 };
+        gauge!(NODE_ROLE, "node" => node.to_string(), "role" => role_str(r)).set(value);
+    }
+}
+
+/// The current epoch changed.
+pub fn epoch(e: u64) {
+    ready();
+    gauge!(EPOCH).set(e as f64);
+}
+
+/// A failover or switchover ended.
+pub fn failover(mode: FailoverMode, result: FailoverResult) {
+    ready();
+    counter!(FAILOVERS, "mode" => mode.as_str(), "result" => result.as_str()).increment(1);
+}
+
+/// A failover phase took `seconds`.
+pub fn failover_phase(phase: FailoverPhase, seconds: f64) {
+    ready();
+    histogram!(FAILOVER_PHASE_DURATION, "phase" => phase.as_str()).record(seconds);
+}
+
+/// A hold (new transactions wait for a primary) started or ended.
+pub fn hold_active(active: bool) {
+    ready();
+    gauge!(HOLD_ACTIVE).set(if active { 1.0 } else { 0.0 });
+}
+
+/// `n` clients are now waiting for a new primary.
+pub fn clients_held(n: usize) {
+    ready();
+    gauge!(CLIENTS_HELD).set(n as f64);
+}
+
+/// An in-flight transaction was cut by a failover.
+pub fn transactions_aborted_by_failover(outcome: AbortOutcome) {
+    ready();
+    counter!(TRANSACTIONS_ABORTED_BY_FAILOVER, "result" => outcome.as_str()).increment(1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// State, read at scrape time.
+
+/// Parses a PostgreSQL LSN (`16/B374D848`) into a byte position.
+pub fn parse_lsn(lsn: &str) -> Option<u64> {
+    let (hi, lo) = lsn.split_once('/')?;
+    let hi = u64::from_str_radix(hi, 16).ok()?;
+    let lo = u64::from_str_radix(lo, 16).ok()?;
+    if hi > u64::from(u32::MAX) || lo > u64::from(u32::MAX) {
+        return None;
+    }
+    Some((hi << 32) | lo)
+}
+
+/// Received and replayed lag of node `index` behind the primary, in bytes, when both are known.
+pub fn node_lag(topology: &Topology, index: usize) -> (Option<u64>, Option<u64>) {
+    let Some(node) = topology.nodes.get(index) else {
+        return (None, None);
+    };
+    if topology.primary == Some(index) {
+        return (Some(0), Some(0));
+    }
+    let primary_lsn = topology
+        .primary
+        .and_then(|p| topology.nodes.get(p))
+        .and_then(|p| p.lsn.as_deref())
+        .and_then(parse_lsn);
+    let behind = |lsn: Option<&str>| {
+        let primary = primary_lsn?;
+        Some(primary.saturating_sub(parse_lsn(lsn?)?))
+    };
+    if !node.healthy {
+        return (None, None);
+    }
+    (
+        behind(node.lsn.as_deref()),
+        behind(node.replay_lsn.as_deref()),
+    )
+}
+
+/// Sets the state gauges from the proxy and the topology; called when `/metrics` is scraped.
+pub fn refresh(proxy: &Proxy, topology: &Topology) {
+    ready();
+    let (mut active, mut waiting, mut idle_servers) = (0usize, 0usize, 0usize);
+    for pool in proxy.pools.all() {
+        let s = pool.status();
+        let key = format!("{}/{}", s.user, s.database);
+        gauge!(POOL_SIZE, "pool" => key.clone()).set(s.size as f64);
+        gauge!(POOL_CLIENTS_WAITING, "pool" => key.clone()).set(s.clients_waiting as f64);
+        gauge!(POOL_SERVER_CONNECTIONS, "pool" => key.clone(), "state" => "active")
+            .set(s.servers_active as f64);
+        gauge!(POOL_SERVER_CONNECTIONS, "pool" => key, "state" => "idle")
+            .set(s.servers_idle as f64);
+        active += s.servers_active;
+        waiting += s.clients_waiting;
+        idle_servers += s.servers_idle;
+    }
+    let clients = proxy.client_count();
+    gauge!(CLIENT_CONNECTIONS, "state" => "active").set(active as f64);
+    gauge!(CLIENT_CONNECTIONS, "state" => "waiting").set(waiting as f64);
+    gauge!(CLIENT_CONNECTIONS, "state" => "idle")
+        .set(clients.saturating_sub(active + waiting) as f64);
+    gauge!(MAX_CLIENT_CONNECTIONS).set(proxy.config.max_client_connections as f64);
+    gauge!(SERVER_CONNECTIONS, "state" => "active").set(active as f64);
+    gauge!(SERVER_CONNECTIONS, "state" => "idle").set(idle_servers as f64);
+    gauge!(PAUSED).set(if proxy.is_paused() { 1.0 } else { 0.0 });
+
+    gauge!(EPOCH).set(topology.epoch as f64);
+    gauge!(PRIMARY_AVAILABLE).set(if topology.primary.is_some() { 1.0 } else { 0.0 });
+    for (i, node) in topology.nodes.iter().enumerate() {
+        let name = node.name.as_str();
+        gauge!(NODE_UP, "node" => name.to_string()).set(if node.healthy { 1.0 } else { 0.0 });
+        set_role(
+            name,
+            if node.healthy {
+                node.role
+            } else {
+                Role::Unknown
+            },
+        );
+        if let Some(tl) = node.timeline {
+            gauge!(NODE_TIMELINE, "node" => name.to_string()).set(f64::from(tl));
+        }
+        gauge!(NODE_CONSECUTIVE_FAILURES, "node" => name.to_string())
+            .set(f64::from(node.consecutive_failures));
+        if let Some(ms) = node.latency_ms {
+            gauge!(NODE_DIAGNOSIS_LATENCY, "node" => name.to_string()).set(ms / 1000.0);
+        }
+        let (lag, replay_lag) = node_lag(topology, i);
+        if let Some(lag) = lag {
+            gauge!(NODE_LAG, "node" => name.to_string()).set(lag as f64);
+        }
+        if let Some(lag) = replay_lag {
+            gauge!(NODE_REPLAY_LAG, "node" => name.to_string()).set(lag as f64);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::NodeStatus;
+
+    #[test]
+    fn names_follow_prometheus_conventions() {
+        let mut seen = std::collections::HashSet::new();
+        for m in CATALOG {
+            assert!(seen.insert(m.name), "{} defined twice", m.name);
+            assert!(m.name.starts_with("pgswitch_"), "{}", m.name);
+            assert!(
+                m.name
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'),
+                "{}",
+                m.name
+            );
+            assert_eq!(
+                m.kind == Kind::Counter,
+                m.name.ends_with("_total"),
+                "{}",
+                m.name
+            );
+            if m.kind == Kind::Histogram {
+                assert!(m.name.ends_with("_seconds"), "{}", m.name);
+                let buckets = m.buckets.unwrap_or_default();
+                assert!(
+                    buckets.windows(2).all(|w| w[0] < w[1]),
+                    "{} buckets unsorted",
+                    m.name
+                );
+            }
+            if m.unit == Some(Unit::Bytes) {
+                assert!(m.name.contains("_bytes"), "{}", m.name);
+            }
+            if m.unit == Some(Unit::Seconds) {
+                assert!(m.name.ends_with("_seconds"), "{}", m.name);
+            }
+            for label in m.labels {
+                assert!(
+                    [
+                        "node",
+                        "pool",
+                        "role",
+                        "state",
+                        "result",
+                        "mode",
+                        "phase",
+                        "kind",
+                        "reason",
+                        "direction",
+                        "version"
+                    ]
+                    .contains(label),
+                    "{}: label {label} is not in the low-cardinality set",
+                    m.name
+                );
+            }
+            assert!(!m.help.is_empty());
+        }
+    }
+
+    #[test]
+    fn lsns_parse() {
+        assert_eq!(parse_lsn("0/0"), Some(0));
+        assert_eq!(parse_lsn("16/B374D848"), Some((0x16 << 32) | 0xB374_D848));
+        assert_eq!(parse_lsn("nope"), None);
+        assert_eq!(parse_lsn("1/"), None);
+        assert_eq!(parse_lsn("1FFFFFFFF/0"), None);
+    }
+
+    fn node(
+        name: &str,
+        role: Role,
+        healthy: bool,
+        lsn: Option<&str>,
+        replay: Option<&str>,
+    ) -> NodeStatus {
+        NodeStatus {
+            name: name.into(),
+            host: "127.0.0.1".into(),
+            port: 5432,
+            role,
+            healthy,
+            timeline: Some(1),
+            lsn: lsn.map(Into::into),
+            replay_lsn: replay.map(Into::into),
+            latency_ms: Some(1.5),
+            consecutive_failures: 0,
+            last_error: None,
+        }
+    }
+
+    #[test]
+    fn lag_is_measured_against_the_primary() {
+        let topology = Topology {
+            epoch: 3,
+            primary: Some(0),
+            nodes: vec![
+                node(
+                    "n0",
+                    Role::Primary,
+                    true,
+                    Some("0/3000100"),
+                    Some("0/3000100"),
+                ),
+                node(
+                    "n1",
+                    Role::Standby,
+                    true,
+                    Some("0/3000000"),
+                    Some("0/2000000"),
+                ),
+                node("n2", Role::Standby, false, Some("0/1000000"), None),
+            ],
+        };
+        assert_eq!(node_lag(&topology, 0), (Some(0), Some(0)));
+        assert_eq!(node_lag(&topology, 1), (Some(0x100), Some(0x1000100)));
+        assert_eq!(node_lag(&topology, 2), (None, None));
+        assert_eq!(node_lag(&topology, 9), (None, None));
+        let no_primary = Topology {
+            primary: None,
+            ..topology
+        };
+        assert_eq!(node_lag(&no_primary, 1), (None, None));
+    }
+
+    /// The value of the series `name{labels}` (labels as rendered, in order) in `text`.
+    fn value(text: &str, series: &str) -> Option<f64> {
+        text.lines().find_map(|l| {
+            l.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+    }
+
+    #[test]
+    fn recording_functions_show_up_in_the_rendered_text() {
+        install();
+        let _ = install(); // twice is fine
+        let pool = "unit_user/unit_db";
+        let before = render();
+        let opened = value(&before, CLIENT_CONNECTIONS_OPENED).unwrap_or(0.0);
+        client_connected();
+        client_disconnected();
+        client_login_failed(LoginFailure::Auth);
+        query_finished(pool, 0.002);
+        transaction_finished(pool, 0.004);
+        pool_wait(pool, 0.0001);
+        pool_acquire_failed(pool, AcquireFailure::Timeout);
+        let pm = PoolMetrics::new(pool);
+        pm.query_finished(0.003);
+        pm.transaction_finished(0.005);
+        pm.pool_wait(0.0);
+        bytes_relayed(Direction::ClientToServer, 100);
+        bytes_relayed(Direction::ServerToClient, 250);
+        server_connection_opened("unit_node");
+        server_connection_closed("unit_node");
+        server_connect_failed("unit_node");
+        session_state_hazard(Hazard::AdvisoryLock);
+        node_diagnosed("unit_node", true, Role::Standby, Some(4096), 0.002);
+        epoch(7);
+        failover(FailoverMode::Automatic, FailoverResult::Success);
+        failover_phase(FailoverPhase::Promote, 1.25);
+        hold_active(true);
+        clients_held(3);
+        transactions_aborted_by_failover(AbortOutcome::Unknown);
+        config_reloaded(false);
+        run_upkeep();
+        let text = render();
+
+        assert!(value(&text, CLIENT_CONNECTIONS_OPENED).unwrap_or(0.0) >= opened + 1.0);
+        assert!(
+            text.contains(&format!("# TYPE {QUERY_DURATION} histogram")),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("# HELP {QUERY_DURATION} ")),
+            "{text}"
+        );
+        assert!(
+            value(&text, &format!("{QUERY_DURATION}_count{{pool=\"{pool}\"}}")).unwrap_or(0.0)
+                >= 2.0,
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!(
+                "{QUERY_DURATION}_bucket{{pool=\"{pool}\",le=\"0.005\"}}"
+            )),
+            "{text}"
+        );
+        assert!(
+            value(
+                &text,
+                &format!("{TRANSACTION_DURATION}_count{{pool=\"{pool}\"}}")
+            )
+            .unwrap_or(0.0)
+                >= 2.0
+        );
+        assert!(
+            value(&text, &format!("{POOL_WAIT}_count{{pool=\"{pool}\"}}")).unwrap_or(0.0) >= 2.0
+        );
+        assert!(
+            value(
+                &text,
+                &format!("{RELAYED_BYTES}{{direction=\"server_to_client\"}}")
+            )
+            .unwrap_or(0.0)
+                >= 250.0
+        );
+        assert_eq!(
+            value(
+                &text,
+                &format!("{SERVER_CONNECTIONS_OPENED}{{node=\"unit_node\"}}")
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            value(
+                &text,
+                &format!("{SESSION_STATE_HAZARDS}{{kind=\"advisory_lock\"}}")
+            )
+            .map(|v| v >= 1.0),
+            Some(true)
+        );
+        assert!(value(
+            &text,
+            &format!("{SESSION_STATE_HAZARDS}{{kind=\"listen\"}}")
+        )
+        .is_some());
+        assert_eq!(
+            value(&text, &format!("{NODE_UP}{{node=\"unit_node\"}}")),
+            Some(1.0)
+        );
+        assert_eq!(
+            value(
+                &text,
+                &format!("{NODE_ROLE}{{node=\"unit_node\",role=\"standby\"}}")
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            value(
+                &text,
+                &format!("{NODE_ROLE}{{node=\"unit_node\",role=\"primary\"}}")
+            ),
+            Some(0.0)
+        );
+        assert_eq!(
+            value(&text, &format!("{NODE_LAG}{{node=\"unit_node\"}}")),
+            Some(4096.0)
+        );
+        assert!(
+            value(
+                &text,
+                &format!("{FAILOVERS}{{mode=\"automatic\",result=\"success\"}}")
+            )
+            .unwrap_or(0.0)
+                >= 1.0
+        );
+        assert!(value(
+            &text,
+            &format!("{FAILOVERS}{{mode=\"switchover\",result=\"refused\"}}")
+        )
+        .is_some());
+        assert!(
+            value(
+                &text,
+                &format!("{FAILOVER_PHASE_DURATION}_sum{{phase=\"promote\"}}")
+            )
+            .unwrap_or(0.0)
+                >= 1.25
+        );
+        assert!(
+            value(
+                &text,
+                &format!("{TRANSACTIONS_ABORTED_BY_FAILOVER}{{result=\"unknown\"}}")
+            )
+            .unwrap_or(0.0)
+                >= 1.0
+        );
+        assert!(
+            value(&text, &format!("{CONFIG_RELOADS}{{result=\"rejected\"}}")).unwrap_or(0.0) >= 1.0
+        );
+        assert!(text.contains(&format!(
+            "{BUILD_INFO}{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        )));
+    }
+}
