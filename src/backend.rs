@@ -364,6 +364,7 @@ impl ServerConn {
 
     /// Sends Terminate and closes, best effort.
     pub async fn close(mut self) {
+        crate::metrics::server_connection_closed(&self.target.node);
         let mut out = BytesMut::new();
         frontend::terminate(&mut out);
         let _ = tokio::time::timeout(Duration::from_millis(500), async {

@@ -18,6 +18,7 @@ use crate::cancel::CancelRegistry;
 use crate::client_error::ClientError;
 use crate::cluster::ClusterView;
 use crate::config::Config;
+use crate::metrics::{self, LoginFailure};
 use crate::pool::Pools;
 use crate::session::ClientSession;
 use crate::stream::Stream;
@@ -155,13 +156,16 @@ async fn handle_client(proxy: Arc<Proxy>, tcp: TcpStream, addr: SocketAddr, id: 
     let logged_in = match outcome {
         Err(_) => {
             debug!("login timed out after {login_timeout:?}");
+            metrics::client_login_failed(LoginFailure::Timeout);
             return;
         }
         Ok(None) => return,
         Ok(Some(l)) => l,
     };
     info!(user = %logged_in.user, database = %logged_in.database, tls = logged_in.stream.is_tls(), "client logged in");
+    metrics::client_connected();
     ClientSession::run(proxy, logged_in, id, addr).await;
+    metrics::client_disconnected();
 }
 
 /// Sends a FATAL error and closes, best effort.
@@ -190,6 +194,7 @@ async fn login(
             Ok(None) => return None,
             Err(e) => {
                 debug!(error = %e, "bad startup packet");
+                metrics::client_login_failed(LoginFailure::Protocol);
                 refuse(&mut stream, &ClientError::from_wire(&e)).await;
                 return None;
             }
@@ -217,6 +222,7 @@ async fn login(
                             Ok(tls) => stream = Stream::Accepted(Box::new(tls)),
                             Err(e) => {
                                 debug!(error = %e, "TLS handshake failed");
+                                metrics::client_login_failed(LoginFailure::Tls);
                                 return None;
                             }
                         }
@@ -258,6 +264,11 @@ async fn login(
         Ok(()) => {}
         Err(Some(e)) => {
             info!(user = %user, code = %e.code, "authentication failed: {}", e.message);
+            metrics::client_login_failed(if e.code.starts_with("28") {
+                LoginFailure::Auth
+            } else {
+                LoginFailure::Protocol
+            });
             refuse(&mut stream, &e).await;
             return None;
         }
@@ -265,6 +276,7 @@ async fn login(
     }
     let Some(slot) = slot else {
         warn!(user = %user, "refusing client: max_client_connections reached");
+        metrics::client_login_failed(LoginFailure::TooManyClients);
         refuse(&mut stream, &ClientError::too_many_clients()).await;
         return None;
     };

@@ -16,6 +16,7 @@ use tracing::{debug, warn};
 
 use crate::backend::{ServerConn, ServerError, ServerLogin};
 use crate::cluster::ClusterView;
+use crate::metrics::{self, AcquireFailure, PoolMetrics};
 use crate::prepared::KnownStatements;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -60,6 +61,7 @@ pub struct Pool {
     counters: Counters,
     /// Prepared statements PostgreSQL accepted on this pool's servers.
     pub known_statements: Arc<KnownStatements>,
+    pub metrics: PoolMetrics,
 }
 
 /// A server connection checked out of a pool. Dropping it without `release` closes the
@@ -112,6 +114,7 @@ pub struct PoolStatus {
 impl Pool {
     pub fn new(key: PoolKey, login: ServerLogin, size: usize) -> Pool {
         Pool {
+            metrics: PoolMetrics::new(&key.to_string()),
             key,
             login,
             size,
@@ -142,18 +145,19 @@ impl Pool {
         let permit = match permit {
             Ok(Ok(permit)) => permit,
             _ => {
+                metrics::pool_acquire_failed(&self.key.to_string(), AcquireFailure::Timeout);
                 return Err(PoolError::Timeout {
                     pool: self.key.clone(),
                     size: self.size,
                     waited_ms: started.elapsed().as_millis(),
-                })
+                });
             }
         };
         let remaining = wait.saturating_sub(started.elapsed());
-        let (target, epoch) = cluster
-            .wait_for_primary(remaining)
-            .await
-            .ok_or(PoolError::NoPrimary(wait.as_millis()))?;
+        let Some((target, epoch)) = cluster.wait_for_primary(remaining).await else {
+            metrics::pool_acquire_failed(&self.key.to_string(), AcquireFailure::NoPrimary);
+            return Err(PoolError::NoPrimary(wait.as_millis()));
+        };
         self.counters.active.fetch_add(1, Ordering::Relaxed);
         let lease = Lease {
             pool: self.clone(),
@@ -163,6 +167,7 @@ impl Pool {
             let candidate = self.lock_idle().pop();
             let Some(mut conn) = candidate else { break };
             if conn.target == target && conn.epoch >= epoch && !conn.is_closed() {
+                self.metrics.pool_wait(started.elapsed().as_secs_f64());
                 return Ok(PooledServer { conn, lease });
             }
             debug!(server = conn.id, node = %conn.target.node, "discarding stale server connection");
@@ -171,9 +176,13 @@ impl Pool {
         match ServerConn::connect(&target, &self.login, epoch).await {
             Ok(conn) => {
                 debug!(server = conn.id, node = %target.node, pool = %self.key, "server connection opened");
+                metrics::server_connection_opened(&target.node);
+                self.metrics.pool_wait(started.elapsed().as_secs_f64());
                 Ok(PooledServer { conn, lease })
             }
             Err(e) => {
+                metrics::server_connect_failed(&target.node);
+                metrics::pool_acquire_failed(&self.key.to_string(), AcquireFailure::ServerError);
                 if !matches!(e, ServerError::Postgres { .. }) {
                     warn!(node = %target.node, pool = %self.key, error = %e, "cannot open server connection");
                     cluster.report_server_failure();

@@ -16,7 +16,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
 use tokio::io::AsyncWriteExt;
@@ -28,6 +28,7 @@ use crate::cancel::CancelTarget;
 use crate::client_error::ClientError;
 use crate::config::PoolMode;
 use crate::frontend::{refuse, LoggedIn, Proxy};
+use crate::metrics::{self, Direction, Hazard, PoolMetrics};
 use crate::pool::{Pool, PoolKey, PooledServer};
 use crate::prepared::{self, ClientStatements, KnownStatements, Pending, Tracker, Verdict};
 use crate::stream::Stream;
@@ -62,13 +63,20 @@ impl ClientSession {
             user,
             database,
             params,
-            leftover,
+            mut leftover,
             slot: _slot,
             ..
         } = login;
         let mode = proxy.config.pool_mode;
         let pool = pool_for(&proxy, &user, &database);
-        let mut server = match attach(&proxy, &pool, &params).await {
+        let attached = tokio::select! {
+            r = attach(&proxy, &pool, &params) => r,
+            _ = read_until_closed(&mut stream, &mut leftover) => {
+                debug!("client left while waiting for its first server");
+                return;
+            }
+        };
+        let mut server = match attached {
             Ok(s) => s,
             Err(e) => {
                 refuse(&mut stream, &e.fatal()).await;
@@ -95,7 +103,7 @@ impl ClientSession {
         wire::ready_for_query(&mut greeting, b'I');
         greeting.extend_from_slice(&server.conn.pending.split());
 
-        let mut relay = Relay::new(&proxy, mode, wanted, pool.known_statements.clone());
+        let mut relay = Relay::new(&proxy, mode, wanted, &pool);
         relay.to_client = greeting;
         relay.client_in = leftover;
         let mut server = match mode {
@@ -411,19 +419,22 @@ struct Relay {
     known: Arc<KnownStatements>,
     /// SQLSTATE of a FATAL error the server sent before closing.
     server_fatal: Option<String>,
+    metrics: PoolMetrics,
+    /// When the oldest unanswered request was sent.
+    request_started: Option<Instant>,
+    /// When the current transaction's first request was sent.
+    transaction_started: Option<Instant>,
     /// Since the last Sync, everything was answered by pgswitch without a server.
     local_batch: bool,
 }
 
 impl Relay {
-    fn new(
-        proxy: &Proxy,
-        mode: PoolMode,
-        wanted: Vec<(String, String)>,
-        known: Arc<KnownStatements>,
-    ) -> Relay {
+    fn new(proxy: &Proxy, mode: PoolMode, wanted: Vec<(String, String)>, pool: &Pool) -> Relay {
         Relay {
-            known,
+            known: pool.known_statements.clone(),
+            metrics: pool.metrics.clone(),
+            request_started: None,
+            transaction_started: None,
             local_batch: false,
             server_fatal: None,
             mode,
@@ -582,6 +593,11 @@ impl Relay {
                 break;
             };
             self.local_batch = false;
+            if matches!(tag, b'Q' | b'F' | b'S') && self.awaiting_ready == 0 {
+                let now = Instant::now();
+                self.request_started = Some(now);
+                self.transaction_started.get_or_insert(now);
+            }
             match tag {
                 b'Q' | b'F' => self.awaiting_ready += 1,
                 b'S' => {
@@ -625,6 +641,12 @@ impl Relay {
                 }
                 progress = true;
                 continue;
+            }
+            if self.rewrites() && tag == b'Q' && body < 4096 && self.client_in.len() >= 5 + body {
+                if let Some(hazard) = session_state_hazard(&self.client_in[5..5 + body]) {
+                    debug!(kind = hazard.as_str(), "session state in transaction mode does not follow the client to its next server");
+                    metrics::session_state_hazard(hazard);
+                }
             }
             if self.rewrites() && prepared::is_tracked_request(tag) {
                 self.tracker.push(Pending::Reply {
@@ -760,6 +782,16 @@ impl Relay {
                     self.server_status = msg[5];
                     self.awaiting_ready = self.awaiting_ready.saturating_sub(1);
                     self.answered = true;
+                    if self.awaiting_ready == 0 {
+                        if let Some(t) = self.request_started.take() {
+                            self.metrics.query_finished(t.elapsed().as_secs_f64());
+                        }
+                        if self.server_status == b'I' {
+                            if let Some(t) = self.transaction_started.take() {
+                                self.metrics.transaction_finished(t.elapsed().as_secs_f64());
+                            }
+                        }
+                    }
                 }
                 b'S' => self.track_parameter(conn, &msg[5..]),
                 b'E' => {
@@ -869,7 +901,10 @@ impl Relay {
                                 io::ErrorKind::UnexpectedEof.into(),
                             ))
                         }
-                        Poll::Ready(Ok(_)) => progress = true,
+                        Poll::Ready(Ok(n)) => {
+                            metrics::bytes_relayed(Direction::ClientToServer, n as u64);
+                            progress = true;
+                        }
                         Poll::Ready(Err(e)) => return Poll::Ready(RelayEvent::ClientGone(e)),
                         Poll::Pending => {}
                     }
@@ -899,7 +934,10 @@ impl Relay {
                             io::ErrorKind::UnexpectedEof.into(),
                         ))
                     }
-                    Poll::Ready(Ok(_)) => progress = true,
+                    Poll::Ready(Ok(n)) => {
+                        metrics::bytes_relayed(Direction::ServerToClient, n as u64);
+                        progress = true;
+                    }
                     Poll::Ready(Err(e)) => return Poll::Ready(RelayEvent::ServerGone(e)),
                     Poll::Pending => {}
                 }
@@ -975,6 +1013,29 @@ fn fatal_code(body: &[u8]) -> Option<String> {
     }
     if fatal {
         code
+    } else {
+        None
+    }
+}
+
+/// Session state a simple query creates that transaction pooling cannot carry to the client's
+/// next server (see the README's list of transaction-mode caveats).
+fn session_state_hazard(query: &[u8]) -> Option<Hazard> {
+    let text = String::from_utf8_lossy(query).to_ascii_lowercase();
+    let text = text.trim_start();
+    if text.starts_with("prepare ") {
+        Some(Hazard::Prepare)
+    } else if text.starts_with("listen ") {
+        Some(Hazard::Listen)
+    } else if text.contains("pg_advisory_lock(") || text.contains("pg_try_advisory_lock(") {
+        Some(Hazard::AdvisoryLock)
+    } else if text.starts_with("create temp") || text.starts_with("create temporary") {
+        Some(Hazard::TempTable)
+    } else if text.starts_with("set ")
+        && !text.starts_with("set local ")
+        && !text.starts_with("set transaction ")
+    {
+        Some(Hazard::Set)
     } else {
         None
     }

@@ -668,7 +668,7 @@ async fn a_message_longer_than_max_message_bytes_gets_08p01_and_a_close() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_sends_nothing_is_closed_after_the_login_timeout() {
-    let env = env(|c| c.client_login_timeout_ms = 500).await;
+    let env = env(|c| c.client_login_timeout_ms = 2000).await;
     let port = env.port();
     let bystander = bystander(&env).await;
 
@@ -714,11 +714,11 @@ async fn a_client_that_sends_nothing_is_closed_after_the_login_timeout() {
         };
         println!("{what}: closed after {closed:?}");
         assert!(
-            closed >= Duration::from_millis(400),
+            closed >= Duration::from_millis(1900),
             "{what}: closed too early ({closed:?})"
         );
         assert!(
-            closed < Duration::from_secs(3),
+            closed < Duration::from_secs(6),
             "{what}: closed too late ({closed:?})"
         );
         others_still_work(&env, &bystander, what).await;

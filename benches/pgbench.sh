@@ -1,0 +1,416 @@
+#!/usr/bin/env bash
+# pgbench: direct PostgreSQL (A) vs PgBouncer (B) vs pgswitch (C), transaction pooling.
+#
+#   bash benches/pgbench.sh                      # default: 10 s per run, ~10 minutes
+#   BENCH_SECONDS=3 bash benches/pgbench.sh      # quick look, ~2-3 minutes
+#
+# Environment (all optional):
+#   BENCH_SECONDS       duration of each pgbench run (-T), default 10
+#   BENCH_ROUNDS        interleaved rounds A B C A B C ..., default 3
+#   BENCH_CLIENTS       client counts, default "10 100"
+#   BENCH_MODES         pgbench -M modes, default "simple extended prepared"
+#   BENCH_POOL_SIZE     server pool size of both proxies, default 20
+#   BENCH_SCALE         pgbench -i scale, default 10
+#   BENCH_IDLE_CLIENTS  idle clients opened through each proxy, default 2000 (0 skips)
+#   BENCH_SKIP_BUILD=1  use the existing target/release/pgswitch
+#   BENCH_KEEP=1        keep the temporary directory (logs) after the run
+#
+# Needs root (it runs PostgreSQL and PgBouncer as the postgres user via setpriv), PostgreSQL 15
+# server binaries, pgbench, psql and python3 with psycopg 3; installs pgbouncer from apt and
+# psycopg from PyPI when missing. Everything listens on 127.0.0.1 on free ports; every process it
+# starts is stopped by PID on exit. Authentication is scram-sha-256 everywhere (PostgreSQL's host
+# connections, PgBouncer's and pgswitch's client auth), so all three pay the same login cost.
+set -euo pipefail
+
+SECS=${BENCH_SECONDS:-10}
+ROUNDS=${BENCH_ROUNDS:-3}
+CLIENTS=${BENCH_CLIENTS:-"10 100"}
+MODES=${BENCH_MODES:-"simple extended prepared"}
+POOL=${BENCH_POOL_SIZE:-20}
+SCALE=${BENCH_SCALE:-10}
+IDLE=${BENCH_IDLE_CLIENTS:-2000}
+PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+export PGPASSWORD=secret
+
+[ "$(id -u)" = 0 ] || { echo "run as root (PostgreSQL and PgBouncer are started as postgres)" >&2; exit 1; }
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+
+log() { printf '[%s] %s\n' "$(date +%T)" "$*" >&2; }
+
+# ---- prerequisites ----------------------------------------------------------------------------
+if ! command -v pgbouncer >/dev/null; then
+    log "installing pgbouncer"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y pgbouncer >/dev/null 2>&1 ||
+        { apt-get update >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y pgbouncer >/dev/null; }
+fi
+if ! python3 -c 'import psycopg' 2>/dev/null; then
+    log "installing psycopg"
+    python3 -m pip install -q "psycopg[binary]"
+fi
+if [ "${BENCH_SKIP_BUILD:-0}" != 1 ]; then
+    log "cargo build --release"
+    (cd "$ROOT" && cargo build --release --bin pgswitch >&2)
+fi
+PGSWITCH_BIN=$ROOT/target/release/pgswitch
+[ -x "$PGSWITCH_BIN" ] || { echo "no $PGSWITCH_BIN" >&2; exit 1; }
+
+# ---- temp dir, ports, cleanup -----------------------------------------------------------------
+WORK=$(mktemp -d /tmp/pgswitch-bench.XXXXXX)
+chmod 755 "$WORK"
+cd "$WORK" # the postgres user must be able to stand in the current directory
+PIDS=()
+PG_PID= PGB_PID= SW_PID=
+cleanup() {
+    local rc=$?
+    set +e
+    for pid in $SW_PID $PGB_PID; do
+        kill -TERM "$pid" 2>/dev/null
+    done
+    for pid in $SW_PID $PGB_PID; do
+        for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        kill -KILL "$pid" 2>/dev/null
+    done
+    if [ -n "$PG_PID" ]; then
+        kill -INT "$PG_PID" 2>/dev/null # fast shutdown
+        for _ in $(seq 100); do kill -0 "$PG_PID" 2>/dev/null || break; sleep 0.1; done
+        kill -KILL "$PG_PID" 2>/dev/null
+    fi
+    for pid in "${PIDS[@]}"; do kill -KILL "$pid" 2>/dev/null; done
+    if [ "${BENCH_KEEP:-0}" = 1 ]; then
+        log "kept $WORK"
+    else
+        rm -rf "$WORK"
+    fi
+    exit $rc
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+read -r PG_PORT PGB_PORT SW_PORT SW_ADMIN_PORT < <(python3 - <<'EOF'
+import socket
+socks = []
+for _ in range(4):
+    s = socket.socket(); s.bind(("127.0.0.1", 0)); socks.append(s)
+print(*[s.getsockname()[1] for s in socks])
+EOF
+)
+
+# setpriv execs the command, so $! of a backgrounded "$AS_POSTGRES cmd &" is cmd's own PID.
+AS_POSTGRES="setpriv --reuid=postgres --regid=postgres --init-groups --"
+as_postgres() { $AS_POSTGRES "$@"; }
+
+wait_sql() { # port what
+    for _ in $(seq 150); do
+        if psql -h 127.0.0.1 -p "$1" -U app -d bench -Atqc 'select 1' >/dev/null 2>&1; then return 0; fi
+        sleep 0.2
+    done
+    echo "$2 on port $1 did not answer; its log:" >&2
+    tail -30 "$WORK/$2.log" >&2 || true
+    exit 1
+}
+
+# ---- PostgreSQL -------------------------------------------------------------------------------
+log "initdb + PostgreSQL on port $PG_PORT ($WORK)"
+mkdir "$WORK/pg"
+echo postgres-secret >"$WORK/pwfile"
+chown -R postgres: "$WORK/pg" "$WORK/pwfile"
+as_postgres "$PGBIN/initdb" -D "$WORK/pg" -U postgres --pwfile="$WORK/pwfile" \
+    --auth-local=scram-sha-256 --auth-host=scram-sha-256 -E UTF8 --no-sync >"$WORK/initdb.log" 2>&1
+cat >>"$WORK/pg/postgresql.conf" <<EOF
+listen_addresses = '127.0.0.1'
+port = $PG_PORT
+unix_socket_directories = '$WORK/pg'
+max_connections = 200
+shared_buffers = 256MB
+fsync = off
+synchronous_commit = off
+full_page_writes = off
+log_min_messages = warning
+EOF
+$AS_POSTGRES "$PGBIN/postgres" -D "$WORK/pg" >"$WORK/postgres.log" 2>&1 &
+PG_PID=$!
+for _ in $(seq 100); do
+    PGPASSWORD=postgres-secret psql -h 127.0.0.1 -p "$PG_PORT" -U postgres -d postgres -Atqc 'select 1' >/dev/null 2>&1 && break
+    sleep 0.2
+done
+PGPASSWORD=postgres-secret psql -h 127.0.0.1 -p "$PG_PORT" -U postgres -d postgres -q -v ON_ERROR_STOP=1 <<'EOF'
+CREATE ROLE app LOGIN PASSWORD 'secret';
+CREATE DATABASE bench OWNER app;
+EOF
+log "pgbench -i -s $SCALE"
+pgbench -h 127.0.0.1 -p "$PG_PORT" -U app -i -s "$SCALE" -q bench >"$WORK/pgbench-init.log" 2>&1
+
+# ---- PgBouncer --------------------------------------------------------------------------------
+start_pgbouncer() {
+    cat >"$WORK/pgbouncer.ini" <<EOF
+[databases]
+bench = host=127.0.0.1 port=$PG_PORT dbname=bench
+
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = $PGB_PORT
+unix_socket_dir =
+auth_type = scram-sha-256
+auth_file = $WORK/userlist.txt
+pool_mode = transaction
+default_pool_size = $POOL
+max_client_conn = 10000
+max_db_connections = 0
+logfile = $WORK/pgbouncer.log
+ignore_startup_parameters = extra_float_digits
+EOF
+    echo '"app" "secret"' >"$WORK/userlist.txt"
+    chown postgres: "$WORK/pgbouncer.ini" "$WORK/userlist.txt"
+    : >"$WORK/pgbouncer.log"
+    chown postgres: "$WORK/pgbouncer.log"
+    $AS_POSTGRES pgbouncer "$WORK/pgbouncer.ini" >>"$WORK/pgbouncer.stderr" 2>&1 &
+    PGB_PID=$!
+    wait_sql "$PGB_PORT" pgbouncer
+}
+
+# ---- pgswitch ---------------------------------------------------------------------------------
+start_pgswitch() {
+    cat >"$WORK/pgswitch.toml" <<EOF
+listen = "127.0.0.1:$SW_PORT"
+admin_listen = "127.0.0.1:$SW_ADMIN_PORT"
+pool_mode = "transaction"
+default_pool_size = $POOL
+max_client_connections = 10000
+auth_type = "scram-sha-256"
+
+[[users]]
+name = "app"
+password = "secret"
+pool_size = $POOL
+
+[[nodes]]
+name = "n0"
+host = "127.0.0.1"
+port = $PG_PORT
+
+[control]
+user = "postgres"
+password = "postgres-secret"
+database = "postgres"
+
+[failover]
+enabled = false
+
+[coordination]
+state_file = "$WORK/pgswitch.state"
+EOF
+    NO_COLOR=1 "$PGSWITCH_BIN" run --config "$WORK/pgswitch.toml" >>"$WORK/pgswitch.log" 2>&1 &
+    SW_PID=$!
+    wait_sql "$SW_PORT" pgswitch
+}
+
+stop_proxy() { # pid
+    kill -TERM "$1" 2>/dev/null || return 0
+    for _ in $(seq 100); do kill -0 "$1" 2>/dev/null || return 0; sleep 0.1; done
+    kill -KILL "$1" 2>/dev/null || true
+}
+
+log "starting PgBouncer ($(pgbouncer --version | head -1)) on $PGB_PORT and pgswitch on $SW_PORT"
+start_pgbouncer
+start_pgswitch
+CLK_TCK=$(getconf CLK_TCK)
+
+# ---- pgbench runs -----------------------------------------------------------------------------
+cpu_ticks() { # pid -> utime+stime of the whole process (all threads)
+    local f
+    read -r -a f <"/proc/$1/stat" || { echo 0; return; }
+    echo $((f[13] + f[14]))
+}
+
+RESULTS=$WORK/results.tsv # round target mode clients status tps cpu_us_per_tx
+: >"$RESULTS"
+declare -A BROKEN=()
+RUN=0
+
+# run_one TARGET PORT PID MODE CLIENTS ROUND
+run_one() {
+    local target=$1 port=$2 pid=$3 mode=$4 clients=$5 round=$6
+    local key="$target/$mode/$clients"
+    if [ -n "${BROKEN[$key]:-}" ]; then
+        printf '%s\t%s\t%s\t%s\tskip\t\t\n' "$round" "$target" "$mode" "$clients" >>"$RESULTS"
+        return
+    fi
+    RUN=$((RUN + 1))
+    local out=$WORK/run.$RUN.$target.$mode.$clients
+    local samples=$out.cpu
+    local log_lines=0
+    [ "$target" = pgswitch ] && log_lines=$(wc -l <"$WORK/pgswitch.log")
+    : >"$samples"
+    set +e
+    pgbench -h 127.0.0.1 -p "$port" -U app -n -S -M "$mode" -c "$clients" -j 2 -T "$SECS" -P 1 bench \
+        2>&1 >"$out.out" | while IFS= read -r line; do
+            printf '%s\n' "$line" >>"$out.err"
+            case $line in
+            progress:*) printf '%s %s\n' "$(if [ -n "$pid" ]; then cpu_ticks "$pid"; else echo 0; fi)" "$line" >>"$samples" ;;
+            esac
+        done
+    local rc=${PIPESTATUS[0]}
+    set -e
+    local tps status=ok
+    tps=$(sed -n 's/^tps = \([0-9.]*\) (without initial connection time).*/\1/p' "$out.out")
+    if [ "$rc" != 0 ] || [ -z "$tps" ] || grep -qiE 'aborted|error' "$out.err" "$out.out" 2>/dev/null; then
+        status=fail
+        BROKEN[$key]=1
+        local why
+        why=$(grep -h -m1 -iE 'error|aborted|fatal' "$out.err" "$out.out" 2>/dev/null | head -1 | cut -c1-200 || true)
+        log "  $target -M $mode -c $clients: FAILED (rc $rc): ${why:-see $out.*}"
+        printf '%s\t%s\t%s\t%s\tfail\t\t\n' "$round" "$target" "$mode" "$clients" >>"$RESULTS"
+        [ "$target" = pgbouncer ] || printf '%s\n' "$target -M $mode -c $clients round $round: rc $rc: $why" >>"$WORK/failures.txt"
+        return
+    fi
+    local cpu stall
+    read -r cpu stall < <(python3 - "$samples" "$CLK_TCK" "$pid" <<'EOF'
+import statistics, sys
+rows = []
+for line in open(sys.argv[1]):
+    parts = line.split()
+    # "<ticks> progress: 2.0 s, 12345.6 tps, lat ..."
+    try:
+        rows.append((int(parts[0]), float(parts[2]), float(parts[4])))
+    except (IndexError, ValueError):
+        pass
+cpu = "-"
+if sys.argv[3] and len(rows) >= 2:
+    ticks = rows[-1][0] - rows[0][0]
+    txns = sum(tps * (t - rows[i][1]) for i, (_, t, tps) in enumerate(rows[1:]))
+    if txns > 0:
+        cpu = f"{ticks * 1e6 / int(sys.argv[2]) / txns:.2f}"
+# A stall: a 1 s interval (after the first) below a third of the run's median rate.
+stall = ""
+rates = [r[2] for r in rows[1:]]
+if rates:
+    med = statistics.median(rates)
+    low = [(t, tps) for _, t, tps in rows[1:] if tps < med / 3]
+    if low:
+        stall = "stall:" + ",".join(f"{tps:.0f}tps@{t:.0f}s" for t, tps in low) + f"(median:{med:.0f})"
+print(cpu, stall)
+EOF
+)
+    [ "$cpu" = - ] && cpu=
+    [ -n "$stall" ] && {
+        log "    $target -M $mode -c $clients round $round: $stall"
+        printf '%s -M %s -c %s round %s: %s\n' "$target" "$mode" "$clients" "$round" "$stall" >>"$WORK/stalls.txt"
+    }
+    log "  $target -M $mode -c $clients: $tps tps${cpu:+, $cpu us proxy CPU/tx}"
+    if [ "$target" = pgswitch ]; then
+        local warns
+        warns=$(tail -n +$((log_lines + 1)) "$WORK/pgswitch.log" | grep -E 'WARN|ERROR' || true)
+        if [ -n "$warns" ]; then
+            log "    pgswitch logged $(printf '%s\n' "$warns" | wc -l) warnings during this run, e.g.: $(printf '%s\n' "$warns" | head -1 | cut -c1-200)"
+            printf 'round %s -M %s -c %s: %s\n' "$round" "$mode" "$clients" "$(printf '%s\n' "$warns" | sed 's/^[^ ]* *//' | sort | uniq -c | tr -s ' ' | paste -sd';')" >>"$WORK/sw-warnings.txt"
+        fi
+    fi
+    printf '%s\t%s\t%s\t%s\tok\t%s\t%s\n' "$round" "$target" "$mode" "$clients" "$tps" "$cpu" >>"$RESULTS"
+}
+
+for round in $(seq "$ROUNDS"); do
+    log "round $round of $ROUNDS (${SECS}s per run)"
+    for mode in $MODES; do
+        for c in $CLIENTS; do
+            run_one direct "$PG_PORT" "" "$mode" "$c" "$round"
+            run_one pgbouncer "$PGB_PORT" "$PGB_PID" "$mode" "$c" "$round"
+            run_one pgswitch "$SW_PORT" "$SW_PID" "$mode" "$c" "$round"
+        done
+    done
+done
+
+# ---- idle clients -----------------------------------------------------------------------------
+IDLE_RESULTS=$WORK/idle.txt
+: >"$IDLE_RESULTS"
+if [ "$IDLE" -gt 0 ]; then
+    log "restarting both proxies for the idle-client test"
+    stop_proxy "$PGB_PID"
+    stop_proxy "$SW_PID"
+    start_pgbouncer
+    start_pgswitch
+    for t in pgbouncer pgswitch; do
+        if [ $t = pgbouncer ]; then port=$PGB_PORT pid=$PGB_PID; else port=$SW_PORT pid=$SW_PID; fi
+        log "  $IDLE idle clients through $t"
+        if ! python3 "$ROOT/benches/idle_memory.py" --port "$port" --pid "$pid" --clients "$IDLE" \
+            --label "$t" >>"$IDLE_RESULTS" 2>"$WORK/idle.$t.err"; then
+            log "  $t: idle test failed: $(tail -1 "$WORK/idle.$t.err")"
+            printf 'idle %s FAILED: %s\n' "$t" "$(tail -1 "$WORK/idle.$t.err")" >>"$IDLE_RESULTS"
+        fi
+    done
+fi
+
+# ---- report -----------------------------------------------------------------------------------
+python3 - "$RESULTS" "$IDLE_RESULTS" <<EOF
+import statistics, sys
+from collections import defaultdict
+
+tps = defaultdict(list); cpu = defaultdict(list); failed = set()
+for line in open(sys.argv[1]):
+    rnd, target, mode, clients, status, t, c = line.rstrip("\n").split("\t")
+    key = (mode, int(clients), target)
+    if status == "fail":
+        failed.add(key)
+    elif status == "ok":
+        tps[key].append(float(t))
+        if c:
+            cpu[key].append(float(c))
+
+def med(d, key):
+    v = d.get(key)
+    return statistics.median(v) if v and key not in failed else None
+
+def f(v, fmt):
+    return "n/a" if v is None else format(v, fmt)
+
+print()
+print("pgbench -S, $SECS s per run, $ROUNDS rounds interleaved (direct, pgbouncer, pgswitch), median TPS;")
+print("pool size $POOL on both proxies, transaction mode, scram-sha-256, -j 2, scale $SCALE")
+print()
+hdr = f"{'mode':<9} {'clients':>7} {'direct':>9} {'pgbouncer':>9} {'pgswitch':>9} {'sw/pgb':>7} {'sw/direct':>9} {'pgb_us/tx':>9} {'sw_us/tx':>9}"
+print(hdr); print("-" * len(hdr))
+for mode in "$MODES".split():
+    for clients in [int(c) for c in "$CLIENTS".split()]:
+        d, b, s = (med(tps, (mode, clients, t)) for t in ("direct", "pgbouncer", "pgswitch"))
+        cb, cs = med(cpu, (mode, clients, "pgbouncer")), med(cpu, (mode, clients, "pgswitch"))
+        r1 = s / b if s and b else None
+        r2 = s / d if s and d else None
+        print(f"{mode:<9} {clients:>7} {f(d, '9.0f')} {f(b, '>9.0f')} {f(s, '>9.0f')} {f(r1, '>7.2f')} {f(r2, '>9.2f')} {f(cb, '>9.1f')} {f(cs, '>9.1f')}")
+print()
+print("us/tx = microseconds of proxy CPU (utime+stime, all threads) per transaction, median over rounds,")
+print("measured from pgbench's 1 s progress reports after the first one (connection setup excluded).")
+if failed:
+    print("failed (n/a): " + ", ".join(f"{t} -M {m} -c {c}" for m, c, t in sorted(failed)))
+idle = [l.strip() for l in open(sys.argv[2]) if l.strip()]
+if idle:
+    print()
+    print(f"{'idle clients':<12} {'proxy':<9} {'RSS before':>11} {'RSS after':>11} {'KiB/client':>10}")
+    for l in idle:
+        p = l.split()
+        if "FAILED" in l:
+            print(f"{'':<12} {p[1]:<9} {l}")
+            continue
+        kv = dict(x.split("=", 1) for x in p[2:])
+        print(f"{kv['clients']:<12} {p[1]:<9} {kv['rss_before_kib']+' KiB':>11} {kv['rss_after_kib']+' KiB':>11} {float(kv['kib_per_client']):>10.2f}")
+EOF
+
+if [ -s "$WORK/stalls.txt" ]; then
+    echo
+    echo "stalls (a 1 s pgbench progress interval below a third of the run's median TPS):"
+    cat "$WORK/stalls.txt"
+fi
+if [ -s "$WORK/failures.txt" ]; then
+    echo
+    echo "pgswitch/direct failures:"
+    cat "$WORK/failures.txt"
+fi
+if [ -s "$WORK/sw-warnings.txt" ]; then
+    echo
+    echo "pgswitch warnings during pgbench runs (count x message):"
+    cat "$WORK/sw-warnings.txt"
+fi
+if grep -qE 'WARN|ERROR' "$WORK/pgswitch.log" 2>/dev/null; then
+    echo
+    echo "pgswitch log: $(grep -cE 'WARN|ERROR' "$WORK/pgswitch.log") warnings/errors, the first 10:"
+    grep -E 'WARN|ERROR' "$WORK/pgswitch.log" | head -10
+fi
