@@ -420,14 +420,20 @@ async fn switchover(admin: &Admin, req: Request<Incoming>) -> Resp {
     if let Err((status, message)) = validate_switchover(&topology, &request) {
         return error(status, message);
     }
-    // The request is valid. The switchover itself (hold, catch-up, promote, publish, release)
-    // belongs to the failover engine, which is not built yet: it plugs in here and answers
-    // 200 with the new primary and epoch, or 409/503 with the reason it refused.
-    info!(to = %request.to, "switchover requested, but switchover is not available yet");
-    error(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "switchover is not available yet",
-    )
+    let Some(handle) = admin.proxy.switchover.clone() else {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "switchover is not available: no failover controller runs",
+        );
+    };
+    info!(to = %request.to, "switchover requested through the admin API");
+    match handle.switchover(&request.to).await {
+        Ok(message) => json(
+            StatusCode::OK,
+            &serde_json::json!({ "result": message, "primary": request.to }),
+        ),
+        Err(message) => error(StatusCode::CONFLICT, message),
+    }
 }
 
 fn json<T: Serialize>(status: StatusCode, value: &T) -> Resp {
@@ -493,10 +499,13 @@ mod tests {
             latency_ms: None,
             consecutive_failures: 0,
             last_error: None,
+            ..NodeStatus::unknown(name, "127.0.0.1", 5432)
         };
         Topology {
             epoch: 1,
             primary: Some(0),
+            holding: false,
+            reason: None,
             nodes: vec![node("n0", Role::Primary), node("n1", Role::Standby)],
         }
     }

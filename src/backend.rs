@@ -3,11 +3,11 @@
 //! Control traffic here (login, `SET`, reset) is parsed with `postgres-protocol`; relayed client
 //! traffic never passes through this module's parsers.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::Context;
 use std::time::{Duration, Instant};
 
@@ -34,13 +34,77 @@ pub struct ServerTarget {
 }
 
 /// How pgswitch logs in to PostgreSQL for one pool.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ServerLogin {
     pub user: String,
     pub password: Option<String>,
     pub database: String,
     pub tls: ServerTlsMode,
     pub connect_timeout: Duration,
+    pub fences: Arc<Fences>,
+}
+
+/// Every open server socket by node address, so a failover can cut all connections to the old
+/// primary at once — even to a hung one, whose sockets would otherwise wait for TCP timeouts.
+/// Each entry holds a duplicate of the socket's descriptor, so cutting never touches a reused
+/// descriptor number.
+#[derive(Default)]
+pub struct Fences {
+    conns: Mutex<HashMap<u64, (String, u16, std::net::TcpStream)>>,
+}
+
+/// Removes a connection from `Fences` when it closes.
+pub struct FenceGuard {
+    id: u64,
+    fences: Arc<Fences>,
+}
+
+impl Drop for FenceGuard {
+    fn drop(&mut self) {
+        self.fences.lock().remove(&self.id);
+    }
+}
+
+impl Fences {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, (String, u16, std::net::TcpStream)>> {
+        self.conns.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn register(
+        self: &Arc<Self>,
+        id: u64,
+        target: &ServerTarget,
+        tcp: &TcpStream,
+    ) -> Option<FenceGuard> {
+        use std::os::fd::AsFd;
+        let dup = tcp.as_fd().try_clone_to_owned().ok()?;
+        self.lock().insert(
+            id,
+            (
+                target.host.clone(),
+                target.port,
+                std::net::TcpStream::from(dup),
+            ),
+        );
+        Some(FenceGuard {
+            id,
+            fences: self.clone(),
+        })
+    }
+
+    /// Shuts down every server socket to `host:port`; the sessions using them see the
+    /// connection end at once. Returns how many were cut.
+    pub fn cut(&self, host: &str, port: u16) -> usize {
+        let conns = self.lock();
+        let mut cut = 0;
+        for (h, p, tcp) in conns.values() {
+            if h == host && *p == port {
+                let _ = tcp.shutdown(std::net::Shutdown::Both);
+                cut += 1;
+            }
+        }
+        cut
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -86,6 +150,7 @@ impl ServerError {
 
 /// An open, logged-in connection to a PostgreSQL server.
 pub struct ServerConn {
+    _fence: Option<FenceGuard>,
     pub id: u64,
     pub target: ServerTarget,
     pub stream: Stream,
@@ -147,9 +212,12 @@ impl ServerConn {
                 source,
             })?;
         stream::tune_server_socket(&tcp, login.connect_timeout.max(Duration::from_secs(5)));
+        let id = NEXT_SERVER_ID.fetch_add(1, Ordering::Relaxed);
+        let fence = login.fences.register(id, target, &tcp);
         let stream = negotiate_tls(tcp, target, login.tls).await?;
         let mut conn = ServerConn {
-            id: NEXT_SERVER_ID.fetch_add(1, Ordering::Relaxed),
+            _fence: fence,
+            id,
             target: target.clone(),
             stream,
             backend_pid: 0,

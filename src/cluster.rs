@@ -1,25 +1,44 @@
 //! The cluster as pgswitch sees it: every node diagnosed over a control connection, and the
-//! resulting `Topology` published through a `watch` channel. Pools and sessions only read it.
+//! resulting `Topology` published through a `watch` channel. Pools and sessions only read it;
+//! `failover::Controller` is its one owner.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use tokio::sync::{watch, Notify};
-use tracing::{info, warn};
 
 use crate::backend::ServerTarget;
 use crate::config::{Config, NodeConfig};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     Primary,
     Standby,
+    #[default]
     Unknown,
 }
 
-/// What one diagnosis of a node found.
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Role::Primary => "primary",
+            Role::Standby => "standby",
+            Role::Unknown => "unknown",
+        })
+    }
+}
+
+/// A standby as the primary's `pg_stat_replication` lists it.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Replica {
+    pub application_name: String,
+    pub state: String,
+    pub sync_state: String,
+}
+
+/// What the diagnoses of a node found.
 #[derive(Debug, Clone, Serialize)]
 pub struct NodeStatus {
     pub name: String,
@@ -31,9 +50,100 @@ pub struct NodeStatus {
     /// Primary: current WAL LSN; standby: last received LSN.
     pub lsn: Option<String>,
     pub replay_lsn: Option<String>,
+    pub replay_paused: bool,
+    /// Standby: seconds since the last replayed transaction was committed on the primary.
+    pub lag_seconds: Option<f64>,
+    /// Standby: `host:port` its WAL receiver streams from.
+    pub upstream: Option<String>,
+    /// Standby: seconds since its WAL receiver last heard from the primary.
+    pub last_msg_age_seconds: Option<f64>,
+    /// Primary: `default_transaction_read_only` is on (fenced or being switched over).
+    pub read_only: bool,
+    /// Primary: its `synchronous_standby_names`.
+    pub synchronous_standby_names: Option<String>,
+    /// Primary: who streams from it.
+    pub replicas: Vec<Replica>,
+    /// A former primary: never routed to until it rejoined as a standby.
+    pub quarantined: bool,
     pub latency_ms: Option<f64>,
     pub consecutive_failures: u32,
     pub last_error: Option<String>,
+}
+
+impl NodeStatus {
+    fn new(n: &NodeConfig) -> NodeStatus {
+        NodeStatus::unknown(&n.name, &n.host, n.port)
+    }
+
+    /// A node not diagnosed yet.
+    pub fn unknown(name: &str, host: &str, port: u16) -> NodeStatus {
+        NodeStatus {
+            name: name.to_string(),
+            host: host.to_string(),
+            port,
+            role: Role::Unknown,
+            healthy: false,
+            timeline: None,
+            lsn: None,
+            replay_lsn: None,
+            replay_paused: false,
+            lag_seconds: None,
+            upstream: None,
+            last_msg_age_seconds: None,
+            read_only: false,
+            synchronous_standby_names: None,
+            replicas: Vec::new(),
+            quarantined: false,
+            latency_ms: None,
+            consecutive_failures: 0,
+            last_error: None,
+        }
+    }
+
+    /// Updates from a successful diagnosis.
+    pub fn record(&mut self, d: Diagnosis) {
+        self.healthy = true;
+        self.role = d.role;
+        self.timeline = d.timeline;
+        self.lsn = d.lsn;
+        self.replay_lsn = d.replay_lsn;
+        self.replay_paused = d.replay_paused;
+        self.lag_seconds = d.lag_seconds;
+        self.upstream = d.upstream;
+        self.last_msg_age_seconds = d.last_msg_age_seconds;
+        self.read_only = d.read_only;
+        self.synchronous_standby_names = d.synchronous_standby_names;
+        self.replicas = d.replicas;
+        self.latency_ms = Some(d.latency.as_secs_f64() * 1000.0);
+        self.consecutive_failures = 0;
+        self.last_error = None;
+    }
+
+    /// Records a failed diagnosis; true when the error is new (worth a log line).
+    pub fn record_failure(&mut self, error: String) -> bool {
+        self.healthy = false;
+        self.consecutive_failures += 1;
+        self.latency_ms = None;
+        let new = self.last_error.as_deref() != Some(error.as_str());
+        self.last_error = Some(error);
+        new
+    }
+
+    pub fn lsn_value(&self) -> Option<u64> {
+        parse_lsn(self.lsn.as_deref()?)
+    }
+
+    pub fn replay_lsn_value(&self) -> Option<u64> {
+        parse_lsn(self.replay_lsn.as_deref()?)
+    }
+
+    pub fn target(&self) -> ServerTarget {
+        ServerTarget {
+            node: Arc::from(self.name.as_str()),
+            host: self.host.clone(),
+            port: self.port,
+        }
+    }
 }
 
 /// The published view of the cluster.
@@ -42,6 +152,10 @@ pub struct Topology {
     pub epoch: u64,
     /// Index into `nodes` of the node that takes writes, if any.
     pub primary: Option<usize>,
+    /// A failover or switchover is running: new transactions wait.
+    pub holding: bool,
+    /// Why there is no primary, or why a failover did not happen.
+    pub reason: Option<String>,
     pub nodes: Vec<NodeStatus>,
 }
 
@@ -50,34 +164,19 @@ impl Topology {
         Topology {
             epoch: 0,
             primary: None,
-            nodes: config
-                .nodes
-                .iter()
-                .map(|n| NodeStatus {
-                    name: n.name.clone(),
-                    host: n.host.clone(),
-                    port: n.port,
-                    role: Role::Unknown,
-                    healthy: false,
-                    timeline: None,
-                    lsn: None,
-                    replay_lsn: None,
-                    latency_ms: None,
-                    consecutive_failures: 0,
-                    last_error: None,
-                })
-                .collect(),
+            holding: false,
+            reason: Some("not diagnosed yet".into()),
+            nodes: config.nodes.iter().map(NodeStatus::new).collect(),
         }
     }
 
     /// The server connections should go to, if a primary is known.
     pub fn primary_target(&self) -> Option<ServerTarget> {
-        let node = self.nodes.get(self.primary?)?;
-        Some(ServerTarget {
-            node: Arc::from(node.name.as_str()),
-            host: node.host.clone(),
-            port: node.port,
-        })
+        Some(self.nodes.get(self.primary?)?.target())
+    }
+
+    pub fn index_of(&self, name: &str) -> Option<usize> {
+        self.nodes.iter().position(|n| n.name == name)
     }
 }
 
@@ -89,6 +188,13 @@ pub struct ClusterView {
 }
 
 impl ClusterView {
+    pub fn new(topology: watch::Receiver<Topology>, rediagnose: Arc<Notify>) -> ClusterView {
+        ClusterView {
+            topology,
+            rediagnose,
+        }
+    }
+
     /// A passive signal: a server connection broke or could not be opened. Diagnose now
     /// instead of waiting for the next interval.
     pub fn report_server_failure(&self) {
@@ -97,6 +203,22 @@ impl ClusterView {
 
     pub fn current(&self) -> Topology {
         self.topology.borrow().clone()
+    }
+
+    /// Waits until the primary is no longer `target` (a new one, or none), up to `limit`.
+    pub async fn wait_for_change(&self, target: &ServerTarget, limit: Duration) {
+        let mut rx = self.topology.clone();
+        let wait = async {
+            loop {
+                if rx.borrow_and_update().primary_target().as_ref() != Some(target) {
+                    return;
+                }
+                if rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(limit, wait).await;
     }
 
     /// Waits until a primary is known, up to `limit`.
@@ -119,150 +241,271 @@ impl ClusterView {
     }
 }
 
-/// Owns the topology: diagnoses nodes and publishes what it finds.
-pub struct Monitor {
-    config: Arc<Config>,
-    tx: watch::Sender<Topology>,
-    rediagnose: Arc<Notify>,
+/// What one diagnosis of a node found.
+#[derive(Debug, Clone, Default)]
+pub struct Diagnosis {
+    pub role: Role,
+    pub timeline: Option<u32>,
+    pub lsn: Option<String>,
+    pub replay_lsn: Option<String>,
+    pub replay_paused: bool,
+    pub lag_seconds: Option<f64>,
+    pub upstream: Option<String>,
+    pub last_msg_age_seconds: Option<f64>,
+    pub read_only: bool,
+    pub synchronous_standby_names: Option<String>,
+    pub replicas: Vec<Replica>,
+    pub latency: Duration,
 }
 
-impl Monitor {
-    pub fn new(config: Arc<Config>) -> (Monitor, ClusterView) {
-        let (tx, rx) = watch::channel(Topology::initial(&config));
-        let rediagnose = Arc::new(Notify::new());
-        let view = ClusterView {
-            topology: rx,
-            rediagnose: rediagnose.clone(),
+/// Parses an LSN such as `0/3000060`.
+pub fn parse_lsn(lsn: &str) -> Option<u64> {
+    let (hi, lo) = lsn.split_once('/')?;
+    let hi = u64::from_str_radix(hi, 16).ok()?;
+    let lo = u64::from_str_radix(lo, 16).ok()?;
+    if hi > u64::from(u32::MAX) || lo > u64::from(u32::MAX) {
+        return None;
+    }
+    Some((hi << 32) | lo)
+}
+
+pub fn format_lsn(lsn: u64) -> String {
+    format!("{:X}/{:X}", lsn >> 32, lsn & 0xffff_ffff)
+}
+
+/// A control connection to one node, kept open between diagnoses and reopened when broken.
+pub struct ControlConn {
+    node: NodeConfig,
+    client: Option<tokio_postgres::Client>,
+}
+
+const DIAGNOSIS_SQL: &str = "SELECT pg_is_in_recovery(), \
+    CASE WHEN pg_is_in_recovery() THEN pg_last_wal_receive_lsn()::text ELSE pg_current_wal_lsn()::text END, \
+    pg_last_wal_replay_lsn()::text, \
+    CASE WHEN pg_is_in_recovery() THEN pg_is_wal_replay_paused() ELSE false END, \
+    CASE WHEN pg_is_in_recovery() THEN extract(epoch FROM now() - pg_last_xact_replay_timestamp())::float8 END, \
+    CASE WHEN pg_is_in_recovery() THEN \
+        (SELECT received_tli FROM pg_stat_wal_receiver) \
+    ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int END, \
+    (SELECT timeline_id FROM pg_control_checkpoint()), \
+    (SELECT sender_host || ':' || sender_port FROM pg_stat_wal_receiver WHERE status = 'streaming'), \
+    (SELECT extract(epoch FROM now() - last_msg_receipt_time)::float8 FROM pg_stat_wal_receiver WHERE status = 'streaming'), \
+    current_setting('default_transaction_read_only') = 'on', \
+    current_setting('synchronous_standby_names')";
+
+const REPLICATION_SQL: &str =
+    "SELECT coalesce(application_name, ''), coalesce(state, ''), coalesce(sync_state, '') FROM pg_stat_replication";
+
+impl ControlConn {
+    pub fn new(node: NodeConfig) -> ControlConn {
+        ControlConn { node, client: None }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.node.name
+    }
+
+    /// Connects (if needed) within `timeout`.
+    pub async fn client(
+        &mut self,
+        config: &Config,
+        timeout: Duration,
+    ) -> Result<&tokio_postgres::Client, String> {
+        if self.client.as_ref().is_some_and(|c| c.is_closed()) {
+            self.client = None;
+        }
+        if self.client.is_none() {
+            let mut pg = tokio_postgres::Config::new();
+            pg.host(&self.node.host)
+                .port(self.node.port)
+                .user(&config.control.user)
+                .dbname(&config.control.database)
+                .application_name("pgswitch")
+                .connect_timeout(timeout)
+                .keepalives_idle(Duration::from_secs(5));
+            if !config.control.password.is_empty() {
+                pg.password(&config.control.password);
+            }
+            let connect = pg.connect(tokio_postgres::NoTls);
+            let (client, connection) = tokio::time::timeout(timeout, connect)
+                .await
+                .map_err(|_| format!("no answer within {} ms", timeout.as_millis()))?
+                .map_err(|e| describe(&e))?;
+            tokio::spawn(async move {
+                let _ = connection.await;
+            });
+            self.client = Some(client);
+        }
+        self.client
+            .as_ref()
+            .ok_or_else(|| "no control connection".to_string())
+    }
+
+    /// Runs the `;`-separated statements of `sql` one by one (ALTER SYSTEM refuses to share
+    /// a transaction), in order, within `timeout` overall.
+    pub async fn execute(
+        &mut self,
+        config: &Config,
+        sql: &str,
+        timeout: Duration,
+    ) -> Result<(), String> {
+        let result = async {
+            let client = self.client(config, timeout).await?;
+            for statement in split_statements(sql) {
+                client
+                    .batch_execute(statement)
+                    .await
+                    .map_err(|e| describe(&e))?;
+            }
+            Ok(())
         };
-        (
-            Monitor {
-                config,
-                tx,
-                rediagnose,
-            },
-            view,
-        )
+        let r = tokio::time::timeout(timeout, result)
+            .await
+            .unwrap_or_else(|_| Err(format!("no answer within {} ms", timeout.as_millis())));
+        if r.is_err() {
+            self.client = None;
+        }
+        r
     }
 
-    /// Diagnoses every node each `diagnosis.interval_ms`, or at once on a passive signal.
-    pub async fn run(self) {
-        let interval = Duration::from_millis(self.config.diagnosis.interval_ms);
-        loop {
-            self.diagnose_all().await;
-            tokio::select! {
-                _ = tokio::time::sleep(interval) => {}
-                _ = self.rediagnose.notified() => {}
-            }
+    /// Runs a query returning one row of text-able columns within `timeout`.
+    pub async fn query_one(
+        &mut self,
+        config: &Config,
+        sql: &str,
+        timeout: Duration,
+    ) -> Result<tokio_postgres::Row, String> {
+        let result = async {
+            let client = self.client(config, timeout).await?;
+            client.query_one(sql, &[]).await.map_err(|e| describe(&e))
+        };
+        let r = tokio::time::timeout(timeout, result)
+            .await
+            .unwrap_or_else(|_| Err(format!("no answer within {} ms", timeout.as_millis())));
+        if r.is_err() {
+            self.client = None;
         }
+        r
     }
 
-    /// One diagnosis round: all nodes in parallel, then publish.
-    pub async fn diagnose_all(&self) {
-        let timeout = Duration::from_millis(self.config.diagnosis.timeout_ms);
-        let probes = self
-            .config
-            .nodes
-            .iter()
-            .map(|node| diagnose(node, &self.config, timeout));
-        let results = futures_util::future::join_all(probes).await;
-        let previous = self.tx.borrow().clone();
-        let mut next = previous.clone();
-        for (status, result) in next.nodes.iter_mut().zip(results) {
-            match result {
-                Ok(d) => {
-                    status.healthy = true;
-                    status.role = d.role;
-                    status.timeline = d.timeline;
-                    status.lsn = d.lsn;
-                    status.replay_lsn = d.replay_lsn;
-                    status.latency_ms = Some(d.latency.as_secs_f64() * 1000.0);
-                    status.consecutive_failures = 0;
-                    status.last_error = None;
-                }
-                Err(e) => {
-                    status.healthy = false;
-                    status.consecutive_failures += 1;
-                    status.latency_ms = None;
-                    if status.last_error.as_deref() != Some(e.as_str()) {
-                        warn!(node = %status.name, error = %e, "diagnosis failed");
-                    }
-                    status.last_error = Some(e);
+    /// One diagnosis: role, timeline, LSNs, replication state.
+    pub async fn diagnose(
+        &mut self,
+        config: &Config,
+        timeout: Duration,
+    ) -> Result<Diagnosis, String> {
+        let started = Instant::now();
+        let work = async {
+            let client = self.client(config, timeout).await?;
+            let row = client
+                .query_one(DIAGNOSIS_SQL, &[])
+                .await
+                .map_err(|e| describe(&e))?;
+            let in_recovery: bool = row.get(0);
+            let mut d = Diagnosis {
+                role: if in_recovery {
+                    Role::Standby
+                } else {
+                    Role::Primary
+                },
+                lsn: row.get(1),
+                replay_lsn: row.get(2),
+                replay_paused: row.get::<_, Option<bool>>(3).unwrap_or(false),
+                lag_seconds: row.get(4),
+                timeline: row
+                    .get::<_, Option<i32>>(5)
+                    .or(row.get::<_, Option<i32>>(6))
+                    .map(|t| t as u32),
+                upstream: row.get(7),
+                last_msg_age_seconds: row.get(8),
+                read_only: row.get::<_, Option<bool>>(9).unwrap_or(false),
+                synchronous_standby_names: row.get(10),
+                replicas: Vec::new(),
+                latency: Duration::ZERO,
+            };
+            if !in_recovery {
+                for r in client
+                    .query(REPLICATION_SQL, &[])
+                    .await
+                    .map_err(|e| describe(&e))?
+                {
+                    d.replicas.push(Replica {
+                        application_name: r.get(0),
+                        state: r.get(1),
+                        sync_state: r.get(2),
+                    });
                 }
             }
+            d.latency = started.elapsed();
+            Ok(d)
+        };
+        let r = tokio::time::timeout(timeout, work)
+            .await
+            .unwrap_or_else(|_| Err(format!("no answer within {} ms", timeout.as_millis())));
+        if r.is_err() {
+            // A connection that timed out may be stuck behind a hung server.
+            self.client = None;
         }
-        next.primary = next
-            .nodes
-            .iter()
-            .position(|n| n.healthy && n.role == Role::Primary);
-        if next.primary != previous.primary {
-            match next.primary {
-                Some(i) => info!(node = %next.nodes[i].name, "primary found"),
-                None => warn!("no node is serving writes"),
-            }
-        }
-        self.tx.send_replace(next);
+        r
     }
 }
 
-struct Diagnosis {
-    role: Role,
-    timeline: Option<u32>,
-    lsn: Option<String>,
-    replay_lsn: Option<String>,
-    latency: Duration,
+/// Splits SQL on the semicolons outside string literals.
+pub fn split_statements(sql: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    let mut quoted = false;
+    for (i, c) in sql.char_indices() {
+        match c {
+            '\'' => quoted = !quoted,
+            ';' if !quoted => {
+                out.push(&sql[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    out.push(&sql[start..]);
+    out.into_iter()
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect()
 }
 
-async fn diagnose(
-    node: &NodeConfig,
-    config: &Config,
-    timeout: Duration,
-) -> Result<Diagnosis, String> {
-    let started = Instant::now();
-    let work = async {
-        let mut pg = tokio_postgres::Config::new();
-        pg.host(&node.host)
-            .port(node.port)
-            .user(&config.control.user)
-            .dbname(&config.control.database)
-            .application_name("pgswitch-diagnosis")
-            .connect_timeout(timeout);
-        if !config.control.password.is_empty() {
-            pg.password(&config.control.password);
+/// tokio-postgres errors: the server's message when there is one.
+fn describe(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{}: {}", db.code().code(), db.message()),
+        None => {
+            let mut text = e.to_string();
+            let mut source = std::error::Error::source(e);
+            while let Some(s) = source {
+                text.push_str(": ");
+                text.push_str(&s.to_string());
+                source = s.source();
+            }
+            text
         }
-        let (client, connection) = pg
-            .connect(tokio_postgres::NoTls)
-            .await
-            .map_err(|e| e.to_string())?;
-        let driver = tokio::spawn(connection);
-        let row = client
-            .query_one(
-                "SELECT pg_is_in_recovery(), \
-                 (SELECT timeline_id FROM pg_control_checkpoint())::int, \
-                 CASE WHEN pg_is_in_recovery() THEN pg_last_wal_receive_lsn()::text \
-                      ELSE pg_current_wal_lsn()::text END, \
-                 pg_last_wal_replay_lsn()::text",
-                &[],
-            )
-            .await
-            .map_err(|e| e.to_string());
-        driver.abort();
-        let row = row?;
-        let in_recovery: bool = row.get(0);
-        let timeline: Option<i32> = row.get(1);
-        Ok(Diagnosis {
-            role: if in_recovery {
-                Role::Standby
-            } else {
-                Role::Primary
-            },
-            timeline: timeline.map(|t| t as u32),
-            lsn: row.get(2),
-            replay_lsn: row.get(3),
-            latency: started.elapsed(),
-        })
-    };
-    match tokio::time::timeout(timeout, work).await {
-        Ok(r) => r,
-        Err(_) => Err(format!("no answer within {} ms", timeout.as_millis())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statements_split_outside_literals() {
+        assert_eq!(
+            split_statements("ALTER SYSTEM SET x = 'a;b'; SELECT 1;"),
+            vec!["ALTER SYSTEM SET x = 'a;b'", "SELECT 1"]
+        );
+    }
+
+    #[test]
+    fn lsns_parse_and_format() {
+        assert_eq!(parse_lsn("0/3000060"), Some(0x3000060));
+        assert_eq!(parse_lsn("1/0"), Some(1 << 32));
+        assert_eq!(format_lsn(0x1_0000_0010), "1/10");
+        assert_eq!(parse_lsn("zz"), None);
     }
 }

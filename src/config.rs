@@ -202,6 +202,9 @@ pub struct FailoverConfig {
     pub hold_ms: u64,
     #[serde(default)]
     pub rejoin_command: String,
+    /// After a failover, no automatic failover for this long (no flapping).
+    #[serde(default = "defaults::min_interval_ms")]
+    pub min_interval_ms: u64,
 }
 
 impl Default for FailoverConfig {
@@ -212,6 +215,7 @@ impl Default for FailoverConfig {
             require_sync: false,
             hold_ms: defaults::hold_ms(),
             rejoin_command: String::new(),
+            min_interval_ms: defaults::min_interval_ms(),
         }
     }
 }
@@ -323,6 +327,9 @@ mod defaults {
     }
     pub fn hold_ms() -> u64 {
         30_000
+    }
+    pub fn min_interval_ms() -> u64 {
+        60_000
     }
     pub fn coordination_mode() -> CoordinationMode {
         CoordinationMode::Standalone
@@ -524,6 +531,10 @@ impl Config {
         self.user(user)
             .and_then(|u| u.pool_size)
             .unwrap_or(self.default_pool_size)
+    }
+
+    pub fn hold(&self) -> Duration {
+        Duration::from_millis(self.failover.hold_ms)
     }
 
     pub fn pool_timeout(&self) -> Duration {

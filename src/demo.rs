@@ -19,6 +19,13 @@ pub fn demo_config(cluster: &PgCluster, port: u16, admin_port: u16) -> String {
          [coordination]\nstate_file = \"{}/pgswitch.state\"\n",
         cluster.dir.display()
     );
+    if let Some(script) = rejoin_script() {
+        let _ = write!(
+            text,
+            "\n[failover]\nrejoin_command = \"{} {{old_data_dir}} {{new_host}} {{new_port}} {{node}} {{control_user}}\"\n",
+            script.display()
+        );
+    }
     for node in &cluster.nodes {
         let _ = write!(
             text,
@@ -30,6 +37,14 @@ pub fn demo_config(cluster: &PgCluster, port: u16, admin_port: u16) -> String {
         );
     }
     text
+}
+
+/// The example rejoin hook shipped in `scripts/`, when run from the repository.
+fn rejoin_script() -> Option<std::path::PathBuf> {
+    let path = std::env::current_dir()
+        .ok()?
+        .join("scripts/rejoin-local.sh");
+    path.is_file().then_some(path)
 }
 
 pub async fn run(port: u16) -> anyhow::Result<()> {

@@ -14,10 +14,12 @@ use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::auth::{self, AuthError, AuthMethod, ScramServer, Secret};
+use crate::backend::Fences;
 use crate::cancel::CancelRegistry;
 use crate::client_error::ClientError;
 use crate::cluster::ClusterView;
 use crate::config::Config;
+use crate::failover::SwitchoverHandle;
 use crate::metrics::{self, LoginFailure};
 use crate::pool::Pools;
 use crate::session::ClientSession;
@@ -30,6 +32,10 @@ const MAX_AUTH_MESSAGE: usize = 64 * 1024;
 /// Everything sessions share.
 pub struct Proxy {
     pub config: Arc<Config>,
+    /// Every server socket, so a failover can cut those to the old primary.
+    pub fences: Arc<Fences>,
+    /// Where planned switchovers are requested.
+    pub switchover: Option<SwitchoverHandle>,
     pub pools: Arc<Pools>,
     pub cluster: ClusterView,
     pub cancels: Arc<CancelRegistry>,
@@ -47,6 +53,9 @@ impl Proxy {
         config: Arc<Config>,
         cluster: ClusterView,
         tls: Option<tokio_rustls::TlsAcceptor>,
+        fences: Arc<Fences>,
+        pools: Arc<Pools>,
+        switchover: Option<SwitchoverHandle>,
     ) -> Result<Proxy, AuthError> {
         let auth_method = config.auth_method();
         let mut secrets = HashMap::new();
@@ -68,10 +77,12 @@ impl Proxy {
             }
         }
         Ok(Proxy {
+            fences,
             auth_method,
             client_slots: Arc::new(Semaphore::new(config.max_client_connections)),
             config,
-            pools: Arc::new(Pools::default()),
+            pools,
+            switchover,
             cluster,
             cancels: Arc::new(CancelRegistry::default()),
             tls,

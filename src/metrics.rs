@@ -900,6 +900,7 @@ mod tests {
             latency_ms: Some(1.5),
             consecutive_failures: 0,
             last_error: None,
+            ..NodeStatus::unknown(name, "127.0.0.1", 5432)
         }
     }
 
@@ -908,6 +909,8 @@ mod tests {
         let topology = Topology {
             epoch: 3,
             primary: Some(0),
+            holding: false,
+            reason: None,
             nodes: vec![
                 node(
                     "n0",

@@ -137,6 +137,7 @@ impl Pool {
         self: &Arc<Self>,
         cluster: &ClusterView,
         wait: Duration,
+        hold: Duration,
     ) -> Result<PooledServer, PoolError> {
         let started = Instant::now();
         self.counters.waiting.fetch_add(1, Ordering::Relaxed);
@@ -153,41 +154,60 @@ impl Pool {
                 });
             }
         };
-        let remaining = wait.saturating_sub(started.elapsed());
-        let Some((target, epoch)) = cluster.wait_for_primary(remaining).await else {
-            metrics::pool_acquire_failed(&self.key.to_string(), AcquireFailure::NoPrimary);
-            return Err(PoolError::NoPrimary(wait.as_millis()));
-        };
-        self.counters.active.fetch_add(1, Ordering::Relaxed);
+        let hold_until = Instant::now() + hold;
         let lease = Lease {
             pool: self.clone(),
             _permit: permit,
         };
+        self.counters.active.fetch_add(1, Ordering::Relaxed);
         loop {
-            let candidate = self.lock_idle().pop();
-            let Some(mut conn) = candidate else { break };
-            if conn.target == target && conn.epoch >= epoch && !conn.is_closed() {
-                self.metrics.pool_wait(started.elapsed().as_secs_f64());
-                return Ok(PooledServer { conn, lease });
-            }
-            debug!(server = conn.id, node = %conn.target.node, "discarding stale server connection");
-            tokio::spawn(conn.close());
-        }
-        match ServerConn::connect(&target, &self.login, epoch).await {
-            Ok(conn) => {
-                debug!(server = conn.id, node = %target.node, pool = %self.key, "server connection opened");
-                metrics::server_connection_opened(&target.node);
-                self.metrics.pool_wait(started.elapsed().as_secs_f64());
-                Ok(PooledServer { conn, lease })
-            }
-            Err(e) => {
-                metrics::server_connect_failed(&target.node);
-                metrics::pool_acquire_failed(&self.key.to_string(), AcquireFailure::ServerError);
-                if !matches!(e, ServerError::Postgres { .. }) {
-                    warn!(node = %target.node, pool = %self.key, error = %e, "cannot open server connection");
-                    cluster.report_server_failure();
+            let left = hold_until.saturating_duration_since(Instant::now());
+            let Some((target, epoch)) = cluster.wait_for_primary(left).await else {
+                metrics::pool_acquire_failed(&self.key.to_string(), AcquireFailure::NoPrimary);
+                return Err(PoolError::NoPrimary(hold.as_millis()));
+            };
+            loop {
+                let candidate = self.lock_idle().pop();
+                let Some(mut conn) = candidate else { break };
+                if conn.target == target && conn.epoch >= epoch && !conn.is_closed() {
+                    self.metrics.pool_wait(started.elapsed().as_secs_f64());
+                    return Ok(PooledServer { conn, lease });
                 }
-                Err(e.into())
+                debug!(server = conn.id, node = %conn.target.node, "discarding stale server connection");
+                tokio::spawn(conn.close());
+            }
+            match ServerConn::connect(&target, &self.login, epoch).await {
+                Ok(conn) => {
+                    debug!(server = conn.id, node = %target.node, pool = %self.key, "server connection opened");
+                    metrics::server_connection_opened(&target.node);
+                    self.metrics.pool_wait(started.elapsed().as_secs_f64());
+                    return Ok(PooledServer { conn, lease });
+                }
+                Err(e @ ServerError::Postgres { .. }) => {
+                    metrics::pool_acquire_failed(
+                        &self.key.to_string(),
+                        AcquireFailure::ServerError,
+                    );
+                    return Err(e.into());
+                }
+                Err(e) => {
+                    // The primary does not answer: a passive signal. Hold the client until the
+                    // topology changes (a failover) or the hold ends, then try again.
+                    metrics::server_connect_failed(&target.node);
+                    warn!(node = %target.node, pool = %self.key, error = %e, "cannot open server connection; holding the client");
+                    cluster.report_server_failure();
+                    let left = hold_until.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        metrics::pool_acquire_failed(
+                            &self.key.to_string(),
+                            AcquireFailure::ServerError,
+                        );
+                        return Err(e.into());
+                    }
+                    cluster
+                        .wait_for_change(&target, left.min(Duration::from_millis(500)))
+                        .await;
+                }
             }
         }
     }

@@ -10,9 +10,14 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::info;
 
-use crate::cluster::{ClusterView, Monitor};
+use crate::backend::Fences;
+use crate::cluster::ClusterView;
 use crate::config::Config;
+use crate::config::CoordinationMode;
+use crate::coord::{Coordinator, StateFile};
+use crate::failover::Controller;
 use crate::frontend::{self, Proxy};
+use crate::pool::Pools;
 use crate::{admin, metrics, stream};
 
 /// A running pgswitch.
@@ -35,10 +40,29 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         Some(t) => Some(stream::server_tls_acceptor(&t.cert, &t.key).context("tls")?),
         None => None,
     };
-    let (monitor, cluster) = Monitor::new(config.clone());
-    monitor.diagnose_all().await;
-    let mut tasks = vec![tokio::spawn(monitor.run())];
-    let proxy = Arc::new(Proxy::new(config.clone(), cluster.clone(), tls).context("users")?);
+    let fences = Arc::new(Fences::default());
+    let pools = Arc::new(Pools::default());
+    let coord: Arc<dyn Coordinator> = match config.coordination.mode {
+        CoordinationMode::Standalone => Arc::new(StateFile::new(&config.coordination.state_file)),
+        CoordinationMode::Etcd => {
+            anyhow::bail!("coordination.mode = \"etcd\" is not available in this build")
+        }
+    };
+    let (mut controller, cluster, switchover) =
+        Controller::new(config.clone(), coord, fences.clone(), pools.clone());
+    controller.start().await.context("cluster state")?;
+    let mut tasks = vec![tokio::spawn(controller.run())];
+    let proxy = Arc::new(
+        Proxy::new(
+            config.clone(),
+            cluster.clone(),
+            tls,
+            fences,
+            pools,
+            Some(switchover),
+        )
+        .context("users")?,
+    );
     tasks.push(tokio::spawn(
         proxy
             .pools

@@ -266,7 +266,11 @@ async fn attach(
     params: &[(String, String)],
 ) -> Result<PooledServer, AttachError> {
     let mut server = pool
-        .acquire(&proxy.cluster, proxy.config.pool_timeout())
+        .acquire(
+            &proxy.cluster,
+            proxy.config.pool_timeout(),
+            proxy.config.hold(),
+        )
         .await
         .map_err(|e| {
             warn!(pool = %pool.key, error = %e, "no server for client");
@@ -299,6 +303,7 @@ fn pool_for(proxy: &Proxy, user: &str, database: &str) -> Arc<Pool> {
                     database: key.database.clone(),
                     tls: config.server_tls,
                     connect_timeout: config.server_connect_timeout(),
+                    fences: proxy.fences.clone(),
                 },
                 config.pool_size_for(user),
             )

@@ -1,0 +1,1099 @@
+//! The HA decision loop: diagnose every node, decide, act, publish. It is the only owner of the
+//! `Topology`; pools and sessions read it through `ClusterView`.
+//!
+//! Every cycle that changes anything logs what it decided and why. The steps follow
+//! DESIGN.md's "Failover, step by step": detect (consecutive failed diagnoses, corroborated by
+//! the standbys' WAL receivers), hold and fence (no primary published, every server socket to
+//! the old primary cut), freeze the standbys and choose the most advanced one, promote it,
+//! publish epoch + 1 durably, re-point the other standbys, release held clients; later fence
+//! the old primary when it returns and run the rejoin hook.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot, watch, Notify};
+use tracing::{error, info, warn};
+
+use crate::backend::{quote_literal, Fences};
+use crate::cluster::{format_lsn, parse_lsn, ClusterView, ControlConn, NodeStatus, Role, Topology};
+use crate::config::Config;
+use crate::coord::{ClusterState, Coordinator};
+use crate::metrics::{self, FailoverMode, FailoverPhase, FailoverResult};
+use crate::pool::Pools;
+
+/// How soon a primary that failed one diagnosis is diagnosed again.
+const RETRY_DELAY: Duration = Duration::from_millis(100);
+/// How long running transactions may take to finish before a switchover cuts them.
+const SWITCHOVER_DRAIN: Duration = Duration::from_secs(10);
+/// How long a standby may take to replay what it received before promotion.
+const CATCH_UP: Duration = Duration::from_secs(30);
+/// How long the rejoin hook may run.
+const REJOIN_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long to wait before running a failed rejoin hook again.
+const REJOIN_RETRY: Duration = Duration::from_secs(30);
+
+/// A planned switchover asked for through the admin API.
+pub struct SwitchoverRequest {
+    pub to: String,
+    pub reply: oneshot::Sender<Result<String, String>>,
+}
+
+/// Where the admin API sends switchover requests.
+#[derive(Clone)]
+pub struct SwitchoverHandle(mpsc::Sender<SwitchoverRequest>);
+
+impl SwitchoverHandle {
+    /// Asks the controller to switch over to `to` and waits for the outcome.
+    pub async fn switchover(&self, to: &str) -> Result<String, String> {
+        let (reply, answer) = oneshot::channel();
+        self.0
+            .send(SwitchoverRequest {
+                to: to.to_string(),
+                reply,
+            })
+            .await
+            .map_err(|_| "the failover controller is not running".to_string())?;
+        answer
+            .await
+            .map_err(|_| "the switchover was abandoned".to_string())?
+    }
+}
+
+/// Why a promotion did not produce a primary.
+#[derive(Debug, thiserror::Error)]
+enum PromoteError {
+    /// The node is still a standby: another candidate may be tried.
+    #[error("{0}")]
+    NotPromoted(String),
+    /// The node may or may not have left recovery: nothing else may be promoted.
+    #[error("outcome unknown: {0}")]
+    Unknown(String),
+}
+
+/// What a finished rejoin hook reports.
+struct RejoinOutcome {
+    node: String,
+    result: Result<(), String>,
+}
+
+pub struct Controller {
+    config: Arc<Config>,
+    coord: Arc<dyn Coordinator>,
+    fences: Arc<Fences>,
+    pools: Arc<Pools>,
+    tx: watch::Sender<Topology>,
+    rediagnose: Arc<Notify>,
+    conns: Vec<ControlConn>,
+    topology: Topology,
+    state: ClusterState,
+    /// Diagnoses in a row in which the primary did not serve writes.
+    primary_failures: u32,
+    failing_since: Option<Instant>,
+    /// The primary's last healthy diagnosis: LSN, timeline, synchronous_standby_names.
+    last_primary_lsn: Option<u64>,
+    last_primary_timeline: Option<u32>,
+    last_sync_names: Option<String>,
+    last_failover: Option<Instant>,
+    /// The last failover attempt that did not produce a primary.
+    last_attempt: Option<Instant>,
+    requests: mpsc::Receiver<SwitchoverRequest>,
+    rejoin_tx: mpsc::Sender<RejoinOutcome>,
+    rejoin_rx: mpsc::Receiver<RejoinOutcome>,
+    /// Rejoin hooks running or recently failed, by node, with when they started.
+    rejoins: HashMap<String, Instant>,
+}
+
+impl Controller {
+    pub fn new(
+        config: Arc<Config>,
+        coord: Arc<dyn Coordinator>,
+        fences: Arc<Fences>,
+        pools: Arc<Pools>,
+    ) -> (Controller, ClusterView, SwitchoverHandle) {
+        let topology = Topology::initial(&config);
+        let (tx, rx) = watch::channel(topology.clone());
+        let rediagnose = Arc::new(Notify::new());
+        let (req_tx, requests) = mpsc::channel(4);
+        let (rejoin_tx, rejoin_rx) = mpsc::channel(16);
+        let conns = config.nodes.iter().cloned().map(ControlConn::new).collect();
+        let view = ClusterView::new(rx, rediagnose.clone());
+        (
+            Controller {
+                config,
+                coord,
+                fences,
+                pools,
+                tx,
+                rediagnose,
+                conns,
+                topology,
+                state: ClusterState::default(),
+                primary_failures: 0,
+                failing_since: None,
+                last_primary_lsn: None,
+                last_primary_timeline: None,
+                last_sync_names: None,
+                last_failover: None,
+                last_attempt: None,
+                requests,
+                rejoin_tx,
+                rejoin_rx,
+                rejoins: HashMap::new(),
+            },
+            view,
+            SwitchoverHandle(req_tx),
+        )
+    }
+
+    /// Loads the durable state and runs the first cycle, so a primary is known (if there is
+    /// one) before clients are accepted.
+    pub async fn start(&mut self) -> Result<(), crate::coord::CoordError> {
+        self.state = self.coord.load().await?;
+        self.topology.epoch = self.state.epoch;
+        if self.state.epoch > 0 {
+            info!(epoch = self.state.epoch, primary = ?self.state.primary, quarantined = ?self.state.quarantined, "cluster state loaded");
+        }
+        self.cycle().await;
+        Ok(())
+    }
+
+    /// The loop: a cycle every `diagnosis.interval_ms`, sooner while the primary fails or on
+    /// a passive signal from the data path.
+    pub async fn run(mut self) {
+        let interval = Duration::from_millis(self.config.diagnosis.interval_ms);
+        loop {
+            let delay = if self.primary_failures > 0 {
+                RETRY_DELAY.min(interval)
+            } else {
+                interval
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => self.cycle().await,
+                _ = self.rediagnose.notified() => self.cycle().await,
+                Some(req) = self.requests.recv() => {
+                    let result = self.switchover(&req.to).await;
+                    let _ = req.reply.send(result);
+                }
+                Some(outcome) = self.rejoin_rx.recv() => self.rejoin_finished(outcome),
+            }
+        }
+    }
+
+    fn publish(&self) {
+        metrics::epoch(self.topology.epoch);
+        self.tx.send_replace(self.topology.clone());
+    }
+
+    fn set_reason(&mut self, reason: Option<String>) {
+        if reason != self.topology.reason {
+            if let Some(r) = &reason {
+                warn!("{r}");
+            }
+            self.topology.reason = reason;
+        }
+    }
+
+    async fn cycle(&mut self) {
+        self.diagnose_all().await;
+        self.decide().await;
+        self.publish();
+    }
+
+    async fn diagnose_all(&mut self) {
+        let timeout = Duration::from_millis(self.config.diagnosis.timeout_ms);
+        let config = self.config.clone();
+        let results = futures_util::future::join_all(
+            self.conns.iter_mut().map(|c| c.diagnose(&config, timeout)),
+        )
+        .await;
+        for (node, result) in self.topology.nodes.iter_mut().zip(results) {
+            node.quarantined = self.state.quarantined.contains(&node.name);
+            match result {
+                Ok(d) => {
+                    let latency = d.latency.as_secs_f64();
+                    node.record(d);
+                    metrics::node_diagnosed(&node.name, true, node.role, None, latency);
+                }
+                Err(e) => {
+                    if node.record_failure(e.clone()) {
+                        warn!(node = %node.name, error = %e, "diagnosis failed");
+                    }
+                    metrics::node_diagnosed(&node.name, false, Role::Unknown, None, 0.0);
+                }
+            }
+        }
+    }
+
+    /// A node serves writes: answers, is not in recovery, is not read-only.
+    fn serves_writes(node: &NodeStatus) -> bool {
+        node.healthy && node.role == Role::Primary && !node.read_only
+    }
+
+    async fn decide(&mut self) {
+        self.handle_quarantined().await;
+        let primary = self.topology.primary.or_else(|| {
+            self.state
+                .primary
+                .as_deref()
+                .and_then(|p| self.topology.index_of(p))
+        });
+        let Some(p) = primary else {
+            self.adopt_primary().await;
+            return;
+        };
+        let node = &self.topology.nodes[p];
+        if Self::serves_writes(node) {
+            if self.primary_failures > 0 {
+                info!(node = %node.name, "primary serves writes again");
+            }
+            self.last_primary_lsn = node.lsn_value();
+            self.last_primary_timeline = node.timeline;
+            self.last_sync_names = node.synchronous_standby_names.clone();
+            self.primary_failures = 0;
+            self.failing_since = None;
+            if self.topology.primary != Some(p) {
+                info!(node = %node.name, epoch = self.state.epoch, "routing writes to the primary");
+            }
+            self.topology.primary = Some(p);
+            self.topology.holding = false;
+            self.set_reason(None);
+            return;
+        }
+        self.primary_failures += 1;
+        self.failing_since.get_or_insert_with(Instant::now);
+        let why = if !node.healthy {
+            node.last_error
+                .clone()
+                .unwrap_or_else(|| "no answer".into())
+        } else if node.role != Role::Primary {
+            "it is in recovery".into()
+        } else {
+            "it is read-only".into()
+        };
+        if self.primary_failures < self.config.diagnosis.failures {
+            info!(node = %node.name, failures = self.primary_failures, "primary failed a diagnosis ({why}); diagnosing again");
+            return;
+        }
+        let name = node.name.clone();
+        self.fail_over(
+            p,
+            &format!(
+                "primary {name} failed {} diagnoses in a row: {why}",
+                self.primary_failures
+            ),
+        )
+        .await;
+    }
+
+    /// No primary recorded yet: adopt the node that serves writes.
+    async fn adopt_primary(&mut self) {
+        let writable: Vec<usize> = (0..self.topology.nodes.len())
+            .filter(|&i| {
+                Self::serves_writes(&self.topology.nodes[i]) && !self.topology.nodes[i].quarantined
+            })
+            .collect();
+        let Some(&first) = writable.iter().max_by_key(|&&i| {
+            // Highest timeline first, then config order.
+            (
+                self.topology.nodes[i].timeline.unwrap_or(0),
+                std::cmp::Reverse(i),
+            )
+        }) else {
+            self.set_reason(Some("no node serves writes".into()));
+            return;
+        };
+        if writable.len() > 1 {
+            let names: Vec<&str> = writable
+                .iter()
+                .map(|&i| self.topology.nodes[i].name.as_str())
+                .collect();
+            warn!(nodes = ?names, chosen = %self.topology.nodes[first].name, "several nodes accept writes; routing only to the one on the highest timeline");
+        }
+        let name = self.topology.nodes[first].name.clone();
+        let next = ClusterState {
+            epoch: self.state.epoch.max(1),
+            primary: Some(name.clone()),
+            quarantined: self.state.quarantined.clone(),
+        };
+        if let Err(e) = self.coord.publish(&next).await {
+            self.set_reason(Some(format!("cannot record the primary: {e}")));
+            return;
+        }
+        self.state = next;
+        self.topology.epoch = self.state.epoch;
+        self.topology.primary = Some(first);
+        info!(node = %name, epoch = self.state.epoch, "primary found");
+        self.set_reason(None);
+    }
+
+    /// Corroboration: a standby whose WAL receiver heard from the primary after pgswitch began
+    /// to fail reaching it proves the primary alive.
+    fn primary_alive_per_standbys(&self, old: usize) -> Option<String> {
+        let since = self.failing_since?.elapsed().as_secs_f64();
+        let others: Vec<String> = self
+            .topology
+            .nodes
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != old)
+            .map(|(_, n)| format!("{}:{}", n.host, n.port))
+            .collect();
+        self.topology.nodes.iter().enumerate().find_map(|(i, n)| {
+            if i == old || !n.healthy || n.role != Role::Standby {
+                return None;
+            }
+            let upstream = n.upstream.as_deref()?;
+            let age = n.last_msg_age_seconds?;
+            if others.iter().any(|o| o == upstream) || age >= since {
+                return None;
+            }
+            Some(format!(
+                "no failover: standby {} still receives WAL from the primary (last message {age:.1} s ago); only pgswitch's path to {} is broken",
+                n.name, self.topology.nodes[old].name
+            ))
+        })
+    }
+
+    /// Hold, fence, freeze, choose, promote, publish, re-point, release.
+    async fn fail_over(&mut self, old: usize, why: &str) {
+        if !self.config.failover.enabled {
+            self.set_reason(Some(format!("{why}; failover is disabled")));
+            return;
+        }
+        let quiet = Duration::from_millis(self.config.failover.min_interval_ms);
+        if let Some(t) = self.last_failover {
+            if t.elapsed() < quiet {
+                self.set_reason(Some(format!(
+                    "{why}; no failover within {} ms of the last one (failover.min_interval_ms)",
+                    quiet.as_millis()
+                )));
+                return;
+            }
+        }
+        let interval =
+            Duration::from_millis(self.config.diagnosis.interval_ms).max(Duration::from_secs(1));
+        if self.last_attempt.is_some_and(|t| t.elapsed() < interval) {
+            return;
+        }
+        if let Some(alive) = self.primary_alive_per_standbys(old) {
+            self.topology.primary = Some(old);
+            self.set_reason(Some(alive));
+            return;
+        }
+        if !self.coord.may_fail_over().await {
+            self.set_reason(Some(format!("{why}; another pgswitch runs the failover")));
+            return;
+        }
+        let started = Instant::now();
+        if let Some(since) = self.failing_since {
+            metrics::failover_phase(FailoverPhase::Detect, since.elapsed().as_secs_f64());
+        }
+        let old_name = self.topology.nodes[old].name.clone();
+        warn!(node = %old_name, "failing over: {why}");
+
+        // Hold and fence.
+        self.topology.primary = None;
+        self.topology.holding = true;
+        self.topology.reason = Some(format!("failover from {old_name} in progress"));
+        metrics::hold_active(true);
+        self.publish();
+        let (host, port) = (
+            self.topology.nodes[old].host.clone(),
+            self.topology.nodes[old].port,
+        );
+        let cut = self.fences.cut(&host, port);
+        info!(node = %old_name, connections = cut, "fenced: server connections to the old primary cut");
+        metrics::failover_phase(FailoverPhase::Fence, started.elapsed().as_secs_f64());
+
+        let outcome = self.elect_and_promote(old).await;
+        metrics::hold_active(false);
+        self.topology.holding = false;
+        match outcome {
+            Ok(new) => {
+                self.last_failover = Some(Instant::now());
+                self.last_attempt = None;
+                self.primary_failures = 0;
+                self.failing_since = None;
+                metrics::failover(FailoverMode::Automatic, FailoverResult::Success);
+                metrics::failover_phase(FailoverPhase::Total, started.elapsed().as_secs_f64());
+                info!(from = %old_name, to = %self.topology.nodes[new].name, epoch = self.state.epoch, seconds = started.elapsed().as_secs_f64(), "failover done: writes go to the new primary");
+            }
+            Err((result, reason)) => {
+                self.last_attempt = Some(Instant::now());
+                metrics::failover(FailoverMode::Automatic, result);
+                self.topology.primary = None;
+                self.set_reason(Some(format!("{why}; {reason}")));
+            }
+        }
+        self.publish();
+    }
+
+    /// Freeze the standbys, pick the most advanced candidate, promote it (or the next), publish
+    /// the new epoch and re-point the others. Returns the new primary's index.
+    async fn elect_and_promote(&mut self, old: usize) -> Result<usize, (FailoverResult, String)> {
+        let started = Instant::now();
+        let timeout = Duration::from_millis(self.config.diagnosis.timeout_ms);
+        let standbys: Vec<usize> = (0..self.topology.nodes.len())
+            .filter(|&i| {
+                let n = &self.topology.nodes[i];
+                i != old && n.healthy && n.role == Role::Standby && !n.quarantined
+            })
+            .collect();
+        // Freeze: no standby follows the old primary any more, so LSNs stop moving.
+        for &i in &standbys {
+            let config = self.config.clone();
+            let sql = "ALTER SYSTEM SET primary_conninfo = ''; SELECT pg_reload_conf(); \
+                       SELECT pg_wal_replay_resume() WHERE pg_is_wal_replay_paused();";
+            if let Err(e) = self.conns[i].execute(&config, sql, timeout).await {
+                warn!(node = %self.topology.nodes[i].name, error = %e, "cannot detach standby from the old primary");
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        self.diagnose_all().await;
+        metrics::failover_phase(FailoverPhase::Elect, started.elapsed().as_secs_f64());
+
+        let old_timeline = self.last_primary_timeline;
+        let max_lag = self.config.failover.max_lag_bytes;
+        let mut candidates = Vec::new();
+        let mut rejected = Vec::new();
+        for &i in &standbys {
+            let n = &self.topology.nodes[i];
+            if !n.healthy || n.role != Role::Standby {
+                rejected.push(format!("{} stopped answering", n.name));
+                continue;
+            }
+            if let (Some(t), Some(old_t)) = (n.timeline, old_timeline) {
+                if t != old_t {
+                    rejected.push(format!("{} is on timeline {t}, not {old_t}", n.name));
+                    continue;
+                }
+            }
+            let lsn = n.lsn_value().or(n.replay_lsn_value()).unwrap_or(0);
+            let lag = self.last_primary_lsn.map_or(0, |p| p.saturating_sub(lsn));
+            if lag > max_lag {
+                rejected.push(format!(
+                    "{} is {lag} bytes behind (max_lag_bytes = {max_lag})",
+                    n.name
+                ));
+                continue;
+            }
+            candidates.push((i, lsn));
+        }
+        // Highest received LSN first; ties by config order.
+        candidates.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        if candidates.is_empty() {
+            let detail = if rejected.is_empty() {
+                "no standby answers".to_string()
+            } else {
+                rejected.join("; ")
+            };
+            return Err((
+                FailoverResult::Refused,
+                format!("no candidate to promote: {detail}"),
+            ));
+        }
+        if self.config.failover.require_sync {
+            let reached: Vec<String> = standbys
+                .iter()
+                .map(|&i| self.topology.nodes[i].name.clone())
+                .collect();
+            let all: Vec<String> = self
+                .topology
+                .nodes
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| *i != old)
+                .map(|(_, n)| n.name.clone())
+                .collect();
+            if let Err(why) = sync_guarantee(self.last_sync_names.as_deref(), &reached, &all) {
+                return Err((FailoverResult::Refused, format!("require_sync: {why}")));
+            }
+        }
+        let summary: Vec<String> = candidates
+            .iter()
+            .map(|(i, lsn)| format!("{} at {}", self.topology.nodes[*i].name, format_lsn(*lsn)))
+            .collect();
+        for (i, lsn) in candidates.clone() {
+            let name = self.topology.nodes[i].name.clone();
+            info!(node = %name, "promoting {name}: highest received LSN {} among candidates [{}]", format_lsn(lsn), summary.join(", "));
+            let promote_started = Instant::now();
+            match self.promote(i, old_timeline).await {
+                Ok(timeline) => {
+                    metrics::failover_phase(
+                        FailoverPhase::Promote,
+                        promote_started.elapsed().as_secs_f64(),
+                    );
+                    let old_name = self.topology.nodes[old].name.clone();
+                    self.publish_new_primary(i, &old_name)
+                        .await
+                        .map_err(|e| (FailoverResult::Failed, e))?;
+                    info!(node = %name, timeline, epoch = self.state.epoch, "promoted and published");
+                    self.repoint_standbys(i, old).await;
+                    return Ok(i);
+                }
+                Err(PromoteError::NotPromoted(e)) => {
+                    error!(node = %name, error = %e, "promotion failed; trying the next candidate");
+                }
+                Err(PromoteError::Unknown(e)) => {
+                    // Promoting another node could make two primaries: stop here.
+                    return Err((
+                        FailoverResult::Failed,
+                        format!("promotion of {name} has an unknown outcome ({e}); no other node is promoted"),
+                    ));
+                }
+            }
+        }
+        Err((
+            FailoverResult::Failed,
+            "every candidate failed to promote".into(),
+        ))
+    }
+
+    /// Waits for the candidate to replay what it received, promotes it, confirms it left
+    /// recovery on a higher timeline, and checkpoints. Returns the new timeline.
+    async fn promote(&mut self, i: usize, old_timeline: Option<u32>) -> Result<u32, PromoteError> {
+        let config = self.config.clone();
+        let timeout =
+            Duration::from_millis(self.config.diagnosis.timeout_ms).max(Duration::from_secs(2));
+        let conn = &mut self.conns[i];
+        let deadline = Instant::now() + CATCH_UP;
+        loop {
+            let row = conn
+                .query_one(
+                    &config,
+                    "SELECT pg_last_wal_receive_lsn()::text, pg_last_wal_replay_lsn()::text, pg_is_wal_replay_paused()",
+                    timeout,
+                )
+                .await
+                .map_err(PromoteError::NotPromoted)?;
+            let received = row
+                .get::<_, Option<String>>(0)
+                .as_deref()
+                .and_then(parse_lsn);
+            let replayed = row
+                .get::<_, Option<String>>(1)
+                .as_deref()
+                .and_then(parse_lsn);
+            let paused: bool = row.get(2);
+            if received.is_none() || replayed >= received {
+                break;
+            }
+            if paused {
+                conn.execute(&config, "SELECT pg_wal_replay_resume()", timeout)
+                    .await
+                    .map_err(PromoteError::NotPromoted)?;
+            }
+            if Instant::now() > deadline {
+                return Err(PromoteError::NotPromoted(format!(
+                    "did not replay what it received within {} s",
+                    CATCH_UP.as_secs()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let promoted = conn
+            .query_one(
+                &config,
+                "SELECT pg_promote(true, 60)",
+                Duration::from_secs(65),
+            )
+            .await;
+        // Whatever pg_promote answered, ask the node itself: a promotion that timed out may
+        // still have happened, and then no other node may be promoted.
+        let confirm = conn
+            .query_one(
+                &config,
+                "SELECT pg_is_in_recovery(), CASE WHEN pg_is_in_recovery() THEN NULL ELSE \
+                 ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int END",
+                timeout,
+            )
+            .await;
+        let timeline = match (promoted, confirm) {
+            (_, Ok(row)) if !row.get::<_, bool>(0) => {
+                row.get::<_, Option<i32>>(1).unwrap_or(0) as u32
+            }
+            (_, Ok(_)) => {
+                return Err(PromoteError::NotPromoted(
+                    "still in recovery after pg_promote".into(),
+                ))
+            }
+            (_, Err(e)) => return Err(PromoteError::Unknown(e)),
+        };
+        if let Some(old) = old_timeline {
+            if timeline <= old {
+                warn!(
+                    timeline,
+                    old, "the promoted node's timeline is not above the old primary's"
+                );
+            }
+        }
+        let after =
+            "CHECKPOINT; ALTER SYSTEM RESET default_transaction_read_only; SELECT pg_reload_conf()";
+        if let Err(e) = conn.execute(&config, after, Duration::from_secs(60)).await {
+            warn!(node = %conn.name(), error = %e, "promoted, but the checkpoint after promotion failed");
+        }
+        Ok(timeline)
+    }
+
+    /// Epoch + 1 with the new primary, made durable before anything is routed to it.
+    async fn publish_new_primary(&mut self, new: usize, old_name: &str) -> Result<(), String> {
+        let started = Instant::now();
+        let mut next = self.state.clone();
+        next.epoch += 1;
+        next.primary = Some(self.topology.nodes[new].name.clone());
+        if !next.quarantined.iter().any(|q| q == old_name) {
+            next.quarantined.push(old_name.to_string());
+        }
+        next.quarantined
+            .retain(|q| Some(q) != next.primary.as_ref());
+        self.coord
+            .publish(&next)
+            .await
+            .map_err(|e| format!("promoted, but cannot record the new epoch: {e}"))?;
+        self.state = next;
+        self.topology.epoch = self.state.epoch;
+        self.topology.primary = Some(new);
+        self.topology.reason = None;
+        for n in &mut self.topology.nodes {
+            n.quarantined = self.state.quarantined.contains(&n.name);
+        }
+        self.publish();
+        metrics::failover_phase(FailoverPhase::Publish, started.elapsed().as_secs_f64());
+        Ok(())
+    }
+
+    /// The `primary_conninfo` a standby uses to follow `primary`.
+    fn conninfo_for(&self, primary: &NodeStatus, standby: &str) -> String {
+        let q = |v: &str| format!("'{}'", v.replace('\\', "\\\\").replace('\'', "\\'"));
+        let mut s = format!(
+            "host={} port={} user={} application_name={}",
+            q(&primary.host),
+            primary.port,
+            q(&self.config.control.user),
+            q(standby)
+        );
+        if !self.config.control.password.is_empty() {
+            s.push_str(&format!(" password={}", q(&self.config.control.password)));
+        }
+        s
+    }
+
+    /// Points every other reachable standby at the new primary and checks, in the background,
+    /// that each streams from it.
+    async fn repoint_standbys(&mut self, new: usize, old: usize) {
+        let started = Instant::now();
+        let config = self.config.clone();
+        let timeout =
+            Duration::from_millis(self.config.diagnosis.timeout_ms).max(Duration::from_secs(2));
+        let primary = self.topology.nodes[new].clone();
+        for i in 0..self.topology.nodes.len() {
+            let n = &self.topology.nodes[i];
+            if i == new || i == old || !n.healthy || n.role != Role::Standby || n.quarantined {
+                continue;
+            }
+            let name = n.name.clone();
+            let conninfo = self.conninfo_for(&primary, &name);
+            let sql = format!(
+                "ALTER SYSTEM SET primary_conninfo = {}; SELECT pg_reload_conf();",
+                quote_literal(&conninfo)
+            );
+            match self.conns[i].execute(&config, &sql, timeout).await {
+                Ok(()) => {
+                    info!(node = %name, primary = %primary.name, "standby re-pointed to the new primary");
+                    let mut check = ControlConn::new(config.nodes[i].clone());
+                    let config = config.clone();
+                    let expected = format!("{}:{}", primary.host, primary.port);
+                    tokio::spawn(async move {
+                        let deadline = Instant::now() + Duration::from_secs(30);
+                        while Instant::now() < deadline {
+                            if let Ok(d) = check.diagnose(&config, Duration::from_secs(2)).await {
+                                if d.upstream.as_deref() == Some(expected.as_str()) {
+                                    info!(node = %check.name(), primary = %expected, "standby streams from the new primary");
+                                    return;
+                                }
+                            }
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                        }
+                        warn!(node = %check.name(), primary = %expected, "standby does not stream from the new primary after 30 s");
+                    });
+                }
+                Err(e) => warn!(node = %name, error = %e, "cannot re-point standby"),
+            }
+        }
+        metrics::failover_phase(FailoverPhase::Repoint, started.elapsed().as_secs_f64());
+    }
+
+    /// Former primaries: fence them when they come back, run the rejoin hook, and count them
+    /// as standbys again once they stream from the current primary.
+    async fn handle_quarantined(&mut self) {
+        let Some(primary) = self
+            .topology
+            .primary
+            .map(|p| self.topology.nodes[p].clone())
+        else {
+            return;
+        };
+        let timeout =
+            Duration::from_millis(self.config.diagnosis.timeout_ms).max(Duration::from_secs(2));
+        let config = self.config.clone();
+        for i in 0..self.topology.nodes.len() {
+            let n = self.topology.nodes[i].clone();
+            if !n.quarantined || !n.healthy {
+                continue;
+            }
+            if n.role == Role::Primary && !n.read_only {
+                let sql = "ALTER SYSTEM SET default_transaction_read_only = on; SELECT pg_reload_conf(); \
+                           SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                           WHERE backend_type = 'client backend' AND pid <> pg_backend_pid();";
+                match self.conns[i].execute(&config, sql, timeout).await {
+                    Ok(()) => {
+                        warn!(node = %n.name, "old primary is back: fenced (read-only, sessions terminated); it is never routed to until it rejoins")
+                    }
+                    Err(e) => {
+                        warn!(node = %n.name, error = %e, "old primary is back but cannot be fenced")
+                    }
+                }
+                self.fences.cut(&n.host, n.port);
+            }
+            let expected = format!("{}:{}", primary.host, primary.port);
+            if n.role == Role::Standby && n.upstream.as_deref() == Some(expected.as_str()) {
+                self.state.quarantined.retain(|q| q != &n.name);
+                if let Err(e) = self.coord.publish(&self.state).await {
+                    warn!(node = %n.name, error = %e, "cannot record the rejoin");
+                    self.state.quarantined.push(n.name.clone());
+                    continue;
+                }
+                self.topology.nodes[i].quarantined = false;
+                self.rejoins.remove(&n.name);
+                info!(node = %n.name, primary = %primary.name, "old primary rejoined: it streams from the primary and counts as a standby again");
+                continue;
+            }
+            self.start_rejoin(i, &primary);
+        }
+    }
+
+    fn start_rejoin(&mut self, i: usize, primary: &NodeStatus) {
+        let command = self.config.failover.rejoin_command.clone();
+        if command.is_empty() {
+            return;
+        }
+        let node = self.config.nodes[i].clone();
+        if self
+            .rejoins
+            .get(&node.name)
+            .is_some_and(|t| t.elapsed() < REJOIN_RETRY)
+        {
+            return;
+        }
+        self.rejoins.insert(node.name.clone(), Instant::now());
+        let primary_config = self
+            .config
+            .nodes
+            .iter()
+            .find(|n| n.name == primary.name)
+            .cloned();
+        let command = command
+            .replace("{node}", &node.name)
+            .replace("{old_host}", &node.host)
+            .replace("{old_port}", &node.port.to_string())
+            .replace("{old_data_dir}", node.data_dir.as_deref().unwrap_or(""))
+            .replace("{new_node}", &primary.name)
+            .replace("{new_host}", &primary.host)
+            .replace("{new_port}", &primary.port.to_string())
+            .replace(
+                "{new_data_dir}",
+                primary_config
+                    .as_ref()
+                    .and_then(|p| p.data_dir.as_deref())
+                    .unwrap_or(""),
+            )
+            .replace("{control_user}", &self.config.control.user);
+        info!(node = %node.name, primary = %primary.name, command = %command, "running the rejoin hook");
+        let tx = self.rejoin_tx.clone();
+        let password = self.config.control.password.clone();
+        let rediagnose = self.rediagnose.clone();
+        tokio::spawn(async move {
+            let run = tokio::process::Command::new("sh")
+                .arg("-c")
+                .arg(&command)
+                .env("PGPASSWORD", password)
+                .kill_on_drop(true)
+                .output();
+            let result = match tokio::time::timeout(REJOIN_TIMEOUT, run).await {
+                Err(_) => Err(format!(
+                    "did not finish within {} s",
+                    REJOIN_TIMEOUT.as_secs()
+                )),
+                Ok(Err(e)) => Err(format!("cannot run: {e}")),
+                Ok(Ok(out)) if out.status.success() => Ok(()),
+                Ok(Ok(out)) => Err(format!(
+                    "exited with {}: {}",
+                    out.status,
+                    String::from_utf8_lossy(&out.stderr).trim()
+                )),
+            };
+            let _ = tx
+                .send(RejoinOutcome {
+                    node: node.name,
+                    result,
+                })
+                .await;
+            rediagnose.notify_one();
+        });
+    }
+
+    fn rejoin_finished(&mut self, outcome: RejoinOutcome) {
+        match outcome.result {
+            Ok(()) => {
+                info!(node = %outcome.node, "rejoin hook finished; waiting for the node to stream from the primary")
+            }
+            Err(e) => {
+                warn!(node = %outcome.node, error = %e, "rejoin hook failed; the node stays quarantined and is retried later")
+            }
+        }
+    }
+
+    /// Planned switchover: hold, drain, make the primary read-only, let the target catch up,
+    /// promote it, publish, release; the old primary rejoins through the hook.
+    async fn switchover(&mut self, to: &str) -> Result<String, String> {
+        let started = Instant::now();
+        let Some(target) = self.topology.index_of(to) else {
+            return Err(format!("no node named {to}"));
+        };
+        let Some(old) = self.topology.primary else {
+            return Err("there is no primary to switch over from".into());
+        };
+        if old == target {
+            return Err(format!("{to} is already the primary"));
+        }
+        let t = &self.topology.nodes[target];
+        if !t.healthy || t.role != Role::Standby || t.quarantined {
+            return Err(format!("{to} is not a healthy standby"));
+        }
+        let old_name = self.topology.nodes[old].name.clone();
+        let old_timeline = self.topology.nodes[old].timeline;
+        info!(from = %old_name, to = %to, "switchover requested");
+
+        self.topology.primary = None;
+        self.topology.holding = true;
+        self.topology.reason = Some(format!("switchover from {old_name} to {to} in progress"));
+        metrics::hold_active(true);
+        self.publish();
+        let result = self.switchover_steps(old, target, old_timeline).await;
+        metrics::hold_active(false);
+        self.topology.holding = false;
+        match result {
+            Ok(()) => {
+                metrics::failover(FailoverMode::Switchover, FailoverResult::Success);
+                self.publish();
+                let msg = format!(
+                    "switched over from {old_name} to {to} at epoch {} in {:.2} s",
+                    self.state.epoch,
+                    started.elapsed().as_secs_f64()
+                );
+                info!("{msg}");
+                Ok(msg)
+            }
+            Err(e) => {
+                metrics::failover(FailoverMode::Switchover, FailoverResult::Failed);
+                let config = self.config.clone();
+                let undo =
+                    "ALTER SYSTEM RESET default_transaction_read_only; SELECT pg_reload_conf();";
+                let _ = self.conns[old]
+                    .execute(&config, undo, Duration::from_secs(5))
+                    .await;
+                self.topology.primary = Some(old);
+                self.topology.reason = None;
+                self.publish();
+                error!(from = %old_name, to = %to, error = %e, "switchover failed; the old primary keeps serving");
+                Err(e)
+            }
+        }
+    }
+
+    async fn switchover_steps(
+        &mut self,
+        old: usize,
+        target: usize,
+        old_timeline: Option<u32>,
+    ) -> Result<(), String> {
+        let config = self.config.clone();
+        let timeout = Duration::from_secs(5);
+        // Let running transactions finish (bounded); new ones are held.
+        let drain_deadline = Instant::now() + SWITCHOVER_DRAIN;
+        while self
+            .pools
+            .all()
+            .iter()
+            .any(|p| p.status().servers_active > 0)
+            && Instant::now() < drain_deadline
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let sql = "ALTER SYSTEM SET default_transaction_read_only = on; SELECT pg_reload_conf(); \
+                   SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                   WHERE backend_type = 'client backend' AND pid <> pg_backend_pid();";
+        self.conns[old].execute(&config, sql, timeout).await?;
+        let (host, port) = (
+            self.topology.nodes[old].host.clone(),
+            self.topology.nodes[old].port,
+        );
+        self.fences.cut(&host, port);
+        let row = self.conns[old]
+            .query_one(&config, "SELECT pg_current_wal_lsn()::text", timeout)
+            .await?;
+        let last = row
+            .get::<_, Option<String>>(0)
+            .as_deref()
+            .and_then(parse_lsn)
+            .unwrap_or(0);
+        info!(lsn = %format_lsn(last), "old primary is read-only; waiting for the target to replay up to its last LSN");
+        let deadline = Instant::now() + CATCH_UP;
+        loop {
+            let row = self.conns[target]
+                .query_one(&config, "SELECT pg_last_wal_replay_lsn()::text", timeout)
+                .await?;
+            let replayed = row
+                .get::<_, Option<String>>(0)
+                .as_deref()
+                .and_then(parse_lsn)
+                .unwrap_or(0);
+            if replayed >= last {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "target replayed {} of {} within {} s",
+                    format_lsn(replayed),
+                    format_lsn(last),
+                    CATCH_UP.as_secs()
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.conns[target]
+            .execute(
+                &config,
+                "ALTER SYSTEM SET primary_conninfo = ''; SELECT pg_reload_conf();",
+                timeout,
+            )
+            .await?;
+        self.promote(target, old_timeline)
+            .await
+            .map_err(|e| e.to_string())?;
+        let old_name = self.topology.nodes[old].name.clone();
+        self.publish_new_primary(target, &old_name).await?;
+        self.repoint_standbys(target, old).await;
+        Ok(())
+    }
+}
+
+/// With `synchronous_standby_names` = `ANY k (s1, …, sN)` (or `FIRST k`, or a plain list),
+/// every acknowledged commit is on at least k of the N listed standbys, so reaching N − k + 1
+/// of them proves the most advanced one reached holds all of them.
+pub fn sync_guarantee(
+    names: Option<&str>,
+    reached: &[String],
+    all_standbys: &[String],
+) -> Result<(), String> {
+    let spec = names.map(str::trim).unwrap_or("");
+    if spec.is_empty() {
+        return Err("the primary had no synchronous standbys (synchronous_standby_names is empty), so any commit may be lost".into());
+    }
+    let (k, list) = parse_sync_names(spec)
+        .ok_or_else(|| format!("cannot parse synchronous_standby_names '{spec}'"))?;
+    let listed: Vec<String> = if list.iter().any(|n| n == "*") {
+        all_standbys.to_vec()
+    } else {
+        list
+    };
+    let n = listed.len();
+    if k == 0 || k > n {
+        return Err(format!(
+            "synchronous_standby_names '{spec}' names {n} standbys for {k} synchronous copies"
+        ));
+    }
+    let needed = n - k + 1;
+    let got = listed
+        .iter()
+        .filter(|l| reached.iter().any(|r| r.eq_ignore_ascii_case(l)))
+        .count();
+    if got < needed {
+        return Err(format!(
+            "only {got} of the synchronous standbys [{}] answered; {needed} are needed to be sure no acknowledged commit is lost",
+            listed.join(", ")
+        ));
+    }
+    Ok(())
+}
+
+/// Parses `ANY k (a, b)`, `FIRST k (a, b)`, `k (a, b)` and `a, b` (= FIRST 1).
+fn parse_sync_names(spec: &str) -> Option<(usize, Vec<String>)> {
+    let names = |s: &str| -> Vec<String> {
+        s.split(',')
+            .map(|n| n.trim().trim_matches('"').to_string())
+            .filter(|n| !n.is_empty())
+            .collect()
+    };
+    let Some(open) = spec.find('(') else {
+        return Some((1, names(spec)));
+    };
+    let close = spec.rfind(')')?;
+    let head: Vec<&str> = spec[..open].split_whitespace().collect();
+    let k = match head.as_slice() {
+        [method, k]
+            if method.eq_ignore_ascii_case("any") || method.eq_ignore_ascii_case("first") =>
+        {
+            k.parse().ok()?
+        }
+        [k] => k.parse().ok()?,
+        _ => return None,
+    };
+    Some((k, names(spec.get(open + 1..close)?)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v(names: &[&str]) -> Vec<String> {
+        names.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn synchronous_standby_names_are_parsed() {
+        assert_eq!(
+            parse_sync_names("ANY 1 (n1, n2)"),
+            Some((1, v(&["n1", "n2"])))
+        );
+        assert_eq!(
+            parse_sync_names("FIRST 2 (\"a\", b, c)"),
+            Some((2, v(&["a", "b", "c"])))
+        );
+        assert_eq!(parse_sync_names("2 (a, b)"), Some((2, v(&["a", "b"]))));
+        assert_eq!(parse_sync_names("a, b"), Some((1, v(&["a", "b"]))));
+    }
+
+    #[test]
+    fn any_1_of_2_needs_both_standbys_to_be_sure() {
+        let all = v(&["n1", "n2"]);
+        assert!(sync_guarantee(Some("ANY 1 (n1, n2)"), &v(&["n1", "n2"]), &all).is_ok());
+        let e =
+            sync_guarantee(Some("ANY 1 (n1, n2)"), &v(&["n1"]), &all).expect_err("not provable");
+        assert!(e.contains("only 1"), "{e}");
+    }
+
+    #[test]
+    fn any_2_of_3_needs_two() {
+        let all = v(&["a", "b", "c"]);
+        assert!(sync_guarantee(Some("ANY 2 (a, b, c)"), &v(&["a", "c"]), &all).is_ok());
+        assert!(sync_guarantee(Some("ANY 2 (a, b, c)"), &v(&["a"]), &all).is_err());
+    }
+
+    #[test]
+    fn no_synchronous_standbys_proves_nothing() {
+        assert!(sync_guarantee(Some(""), &v(&["n1"]), &v(&["n1"])).is_err());
+        assert!(sync_guarantee(None, &v(&["n1"]), &v(&["n1"])).is_err());
+    }
+}
