@@ -361,7 +361,8 @@ def med(d, key):
     return statistics.median(v) if v and key not in failed else None
 
 def f(v, fmt):
-    return "n/a" if v is None else format(v, fmt)
+    width = int(fmt.lstrip(">").split(".")[0])
+    return format("n/a" if v is None else format(v, fmt.lstrip(">")), f">{width}")
 
 print()
 print("pgbench -S, $SECS s per run, $ROUNDS rounds interleaved (direct, pgbouncer, pgswitch), median TPS;")
