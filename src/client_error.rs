@@ -76,6 +76,15 @@ impl ClientError {
         )
     }
 
+    /// The server went away while the client's COMMIT was in flight.
+    pub fn commit_outcome_unknown() -> ClientError {
+        Self::new(
+            Severity::Error,
+            "08007",
+            "server connection lost while COMMIT was in flight: the transaction may or may not have committed",
+        )
+    }
+
     pub fn no_server_while_paused() -> ClientError {
         Self::new(
             Severity::Error,

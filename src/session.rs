@@ -28,7 +28,7 @@ use crate::cancel::CancelTarget;
 use crate::client_error::ClientError;
 use crate::config::PoolMode;
 use crate::frontend::{refuse, LoggedIn, Proxy};
-use crate::metrics::{self, Direction, Hazard, PoolMetrics};
+use crate::metrics::{self, AbortOutcome, Direction, Hazard, PoolMetrics};
 use crate::pool::{Pool, PoolKey, PooledServer};
 use crate::prepared::{self, ClientStatements, KnownStatements, Pending, Tracker, Verdict};
 use crate::stream::Stream;
@@ -200,9 +200,21 @@ impl ClientSession {
                     }
                     match (mode, server_failing) {
                         (PoolMode::Transaction, true) => {
-                            relay.fail_in_flight(ClientError::server_connection_lost(
-                                Severity::Error,
-                            ));
+                            let in_transaction = relay.awaiting_ready > 0
+                                || relay.unsynced
+                                || relay.server_status != b'I';
+                            let error = if relay.commit_in_flight {
+                                metrics::transactions_aborted_by_failover(AbortOutcome::Unknown);
+                                ClientError::commit_outcome_unknown()
+                            } else {
+                                if in_transaction {
+                                    metrics::transactions_aborted_by_failover(
+                                        AbortOutcome::RolledBack,
+                                    );
+                                }
+                                ClientError::server_connection_lost(Severity::Error)
+                            };
+                            relay.fail_in_flight(error);
                         }
                         (PoolMode::Session, true) => {
                             let _ = stream.write_all(&relay.to_client).await;
@@ -406,6 +418,8 @@ struct Relay {
     awaiting_ready: usize,
     /// The attached server sent a ReadyForQuery since it was attached.
     answered: bool,
+    /// A COMMIT (or END) was sent and its answer has not arrived.
+    commit_in_flight: bool,
     /// Extended-protocol messages sent since the last Sync.
     unsynced: bool,
     /// The client sent Terminate: stop reading it.
@@ -452,6 +466,7 @@ impl Relay {
             server_status: b'I',
             awaiting_ready: 0,
             answered: false,
+            commit_in_flight: false,
             unsynced: false,
             client_done: false,
             failing: None,
@@ -501,6 +516,7 @@ impl Relay {
         self.server_msg = None;
         self.tracker.clear();
         self.server_status = b'I';
+        self.commit_in_flight = false;
         let mut error = Some(error);
         if self.awaiting_ready > 0 {
             if let Some(e) = error.take() {
@@ -647,6 +663,9 @@ impl Relay {
                 progress = true;
                 continue;
             }
+            if tag == b'Q' && body < 4096 && self.client_in.len() >= 5 + body {
+                self.commit_in_flight |= is_commit(&self.client_in[5..5 + body]);
+            }
             if self.rewrites() && tag == b'Q' && body < 4096 && self.client_in.len() >= 5 + body {
                 if let Some(hazard) = session_state_hazard(&self.client_in[5..5 + body]) {
                     debug!(kind = hazard.as_str(), "session state in transaction mode does not follow the client to its next server");
@@ -787,6 +806,9 @@ impl Relay {
                     self.server_status = msg[5];
                     self.awaiting_ready = self.awaiting_ready.saturating_sub(1);
                     self.answered = true;
+                    if self.awaiting_ready == 0 {
+                        self.commit_in_flight = false;
+                    }
                     if self.awaiting_ready == 0 {
                         if let Some(t) = self.request_started.take() {
                             self.metrics.query_finished(t.elapsed().as_secs_f64());
@@ -1044,4 +1066,15 @@ fn session_state_hazard(query: &[u8]) -> Option<Hazard> {
     } else {
         None
     }
+}
+
+/// A simple query that ends a transaction with COMMIT (or END).
+fn is_commit(query: &[u8]) -> bool {
+    let head: Vec<u8> = query
+        .iter()
+        .skip_while(|b| b.is_ascii_whitespace())
+        .take(6)
+        .map(|b| b.to_ascii_lowercase())
+        .collect();
+    head.starts_with(b"commit") || head.starts_with(b"end")
 }
