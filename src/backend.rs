@@ -369,6 +369,39 @@ impl ServerConn {
         }
     }
 
+    /// Sends complete Parse messages and a Sync, and waits for the server to be ready: the
+    /// statements a session had on a server that went away.
+    pub async fn prepare_again(&mut self, parses: &[bytes::Bytes]) -> Result<(), ServerError> {
+        if parses.is_empty() {
+            return Ok(());
+        }
+        let mut out = BytesMut::new();
+        for p in parses {
+            out.extend_from_slice(p);
+        }
+        frontend::sync(&mut out);
+        self.stream.write_all(&out).await?;
+        let mut buf = std::mem::take(&mut self.pending);
+        let mut first_error = None;
+        loop {
+            match self.read_message(&mut buf).await? {
+                Message::ParameterStatus(body) => {
+                    self.params
+                        .insert(body.name()?.to_string(), body.value()?.to_string());
+                }
+                Message::ErrorResponse(body) => {
+                    let e = postgres_error(body.fields())?;
+                    first_error.get_or_insert(e);
+                }
+                Message::ReadyForQuery(_) => {
+                    self.pending = buf;
+                    return first_error.map_or(Ok(()), Err);
+                }
+                _ => {}
+            }
+        }
+    }
+
     /// Makes the server's session parameters match what a client asked for, with one round trip
     /// of `set_config` calls for the values that differ. `set_config` parses a value the way
     /// a startup packet does, so list settings (`search_path = 'a,b'`) keep their meaning.

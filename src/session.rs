@@ -182,6 +182,7 @@ impl ClientSession {
                     break;
                 }
                 RelayEvent::ServerGone(e) => {
+                    let idle_before = relay.client_is_idle();
                     cancel.slot.set(None);
                     let fatal = relay.server_fatal.take();
                     // A server that ended the session for the client's own reasons (protocol
@@ -215,6 +216,23 @@ impl ClientSession {
                                 ClientError::server_connection_lost(Severity::Error)
                             };
                             relay.fail_in_flight(error);
+                        }
+                        (PoolMode::Session, true) if idle_before => {
+                            // Not in a transaction: move the session to the new primary with
+                            // its parameters and prepared statements.
+                            match reattach(&proxy, &pool, &relay).await {
+                                Ok(s) => {
+                                    info!(server = s.conn.id, node = %s.conn.target.node, "idle session moved to the new primary");
+                                    cancel.slot.set(Some(cancel_target(&s.conn)));
+                                    relay.answered = false;
+                                    server = Some(s);
+                                }
+                                Err(e) => {
+                                    let _ = stream.write_all(&relay.to_client).await;
+                                    refuse(&mut stream, &e).await;
+                                    break;
+                                }
+                            }
                         }
                         (PoolMode::Session, true) => {
                             let _ = stream.write_all(&relay.to_client).await;
@@ -269,6 +287,24 @@ impl AttachError {
             AttachError::Server(e) => ClientError::from_server(e, severity),
         }
     }
+}
+
+/// Session mode after the server went away: a new server with the client's parameters and
+/// named prepared statements.
+async fn reattach(
+    proxy: &Proxy,
+    pool: &Arc<Pool>,
+    relay: &Relay,
+) -> Result<PooledServer, ClientError> {
+    let mut server = attach(proxy, pool, &relay.wanted)
+        .await
+        .map_err(|e| e.fatal())?;
+    let parses: Vec<bytes::Bytes> = relay.session_statements.values().cloned().collect();
+    if let Err(e) = server.conn.prepare_again(&parses).await {
+        server.discard();
+        return Err(ClientError::from_server(&e, Severity::Fatal));
+    }
+    Ok(server)
 }
 
 /// Checks out a server and gives it the client's session parameters.
@@ -420,6 +456,8 @@ struct Relay {
     answered: bool,
     /// A COMMIT (or END) was sent and its answer has not arrived.
     commit_in_flight: bool,
+    /// Session mode: the Parse message of each named statement, by name.
+    session_statements: std::collections::HashMap<String, bytes::Bytes>,
     /// Extended-protocol messages sent since the last Sync.
     unsynced: bool,
     /// The client sent Terminate: stop reading it.
@@ -467,6 +505,7 @@ impl Relay {
             awaiting_ready: 0,
             answered: false,
             commit_in_flight: false,
+            session_statements: std::collections::HashMap::new(),
             unsynced: false,
             client_done: false,
             failing: None,
@@ -627,6 +666,19 @@ impl Relay {
                 }
                 b'P' | b'B' | b'D' | b'E' | b'C' => self.unsynced = true,
                 _ => {}
+            }
+            if !self.rewrites() && matches!(tag, b'P' | b'C') && body < 1 << 20 {
+                // Session mode: remember named statements, to restore them on the next server
+                // should this one go away (failover).
+                if self.client_in.len() < 5 + body {
+                    self.client_in.reserve(5 + body - self.client_in.len());
+                    break;
+                }
+                let msg = self.client_in.split_to(5 + body).freeze();
+                self.remember_statement(&msg);
+                self.to_server.extend_from_slice(&msg);
+                progress = true;
+                continue;
             }
             let rewritable = self.rewrites() && matches!(tag, b'P' | b'B' | b'D' | b'C');
             if rewritable {
@@ -837,6 +889,7 @@ impl Relay {
                     {
                         conn.statements.clear();
                         statements.clear();
+                        self.session_statements.clear();
                     }
                 }
                 _ => {}
@@ -851,6 +904,35 @@ impl Relay {
 
     /// A ParameterStatus from the server: the server's value changed, and if it is one the
     /// client keeps, the client's wanted value too.
+    /// Session mode: keeps the Parse of every named statement the client has, forgets closed
+    /// ones.
+    fn remember_statement(&mut self, msg: &bytes::Bytes) {
+        let Some(body) = msg.get(5..) else { return };
+        let name_of = |b: &[u8]| {
+            b.iter()
+                .position(|&c| c == 0)
+                .map(|n| String::from_utf8_lossy(&b[..n]).into_owned())
+        };
+        match msg.first() {
+            Some(b'P') => {
+                if let Some(name) = name_of(body).filter(|n| !n.is_empty()) {
+                    self.session_statements.insert(name, msg.clone());
+                }
+            }
+            Some(b'C') if body.first() == Some(&b'S') => {
+                if let Some(name) = name_of(&body[1..]) {
+                    self.session_statements.remove(&name);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// The client sits between requests: nothing sent is unanswered, nothing half-sent.
+    fn client_is_idle(&self) -> bool {
+        self.server_status == b'I' && self.server_is_quiet() && self.client_in.is_empty()
+    }
+
     fn track_parameter(&mut self, conn: &mut ServerConn, body: &[u8]) {
         let mut parts = body.split(|&b| b == 0);
         let (Some(name), Some(value)) = (parts.next(), parts.next()) else {
@@ -860,9 +942,7 @@ impl Relay {
             return;
         };
         conn.params.insert(name.to_string(), value.to_string());
-        if self.mode == PoolMode::Transaction
-            && self.tracked.iter().any(|t| t.eq_ignore_ascii_case(name))
-        {
+        if self.tracked.iter().any(|t| t.eq_ignore_ascii_case(name)) {
             match self
                 .wanted
                 .iter_mut()
