@@ -875,9 +875,9 @@ impl Relay {
                 b'S' => self.track_parameter(conn, &msg[5..]),
                 b'E' => {
                     if let Some(code) = fatal_code(&msg[5..]) {
-                        // In transaction mode a server going away (shutdown, crash, failover)
-                        // is not the client's end: it gets 08006 and keeps its connection.
-                        if self.mode == PoolMode::Transaction && code.starts_with("57P") {
+                        // A server going away (shutdown, crash, failover)
+                        // is not the client's end: pgswitch answers for it (08006, or a move to the new primary).
+                        if code.starts_with("57P") {
                             verdict = Verdict::Drop;
                         }
                         self.server_fatal = Some(code);

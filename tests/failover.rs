@@ -1,0 +1,1847 @@
+//! Automatic failover and planned switchover against real PostgreSQL clusters and real faults
+//! (issue 4, "Done means"). Every test starts its own primary + standbys and an in-process
+//! pgswitch in front, runs a workload through it, injects a fault (SIGKILL, immediate stop,
+//! SIGSTOP, a cut network path, a lagging standby, too few synchronous standbys) and checks the
+//! invariants of DESIGN.md: a synced standby is promoted, no acknowledged write is lost, idle
+//! transaction-mode clients see no error, only in-flight transactions fail (08006/08007), the
+//! other standby follows the new primary, and the old primary is fenced and rejoined by the hook.
+//!
+//! Every wait has a deadline (the machine is small and shared: poll, never assume a speed);
+//! every test prints what it measured. Run with
+//! `cargo test --test failover -- --test-threads=1 --nocapture` (PGSWITCH_LOG=info for the
+//! proxy's log).
+
+mod common;
+#[path = "common/panic_watch.rs"]
+mod panic_watch;
+
+use std::collections::HashSet;
+use std::fmt::Write as _;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU16, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{TestEnv, PASSWORD, USER};
+use hyper::{Method, StatusCode};
+use pgswitch::cluster::Role;
+use pgswitch::config::{Config, PoolMode};
+use pgswitch::harness::{ClusterSpec, PgNode, SyncMode, SUPERUSER, SUPERUSER_PASSWORD};
+use pgswitch::status::{request, AdminUrl, Answer};
+use serde_json::Value;
+use tokio::io::AsyncReadExt as _;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use tokio_postgres::{Client, NoTls, SimpleQueryMessage, Statement};
+
+/// Longer than `failover.hold_ms` below, so the proxy's own answer (57P03) comes first.
+const STEP: Duration = Duration::from_secs(40);
+const HOLD_MS: u64 = 20_000;
+/// Every test body ends within this, whatever happens.
+const TEST_LIMIT: Duration = Duration::from_secs(900);
+const INSERT: &str = "INSERT INTO t(id) VALUES ($1)";
+const WRITERS: usize = 4;
+const IDLE_CLIENTS: usize = 3;
+
+// ---------------------------------------------------------------------------------------------
+// Small helpers
+// ---------------------------------------------------------------------------------------------
+
+fn ms(d: Duration) -> String {
+    format!("{:.3} s", d.as_secs_f64())
+}
+
+/// Signed seconds of `t` relative to `origin`.
+fn rel(t: Instant, origin: Instant) -> String {
+    if t >= origin {
+        format!("+{:.3}s", (t - origin).as_secs_f64())
+    } else {
+        format!("-{:.3}s", (origin - t).as_secs_f64())
+    }
+}
+
+async fn bounded<F: Future>(what: &str, limit: Duration, f: F) -> F::Output {
+    match tokio::time::timeout(limit, f).await {
+        Ok(v) => v,
+        Err(_) => panic!("{what}: did not finish within {limit:?}"),
+    }
+}
+
+/// Polls `probe` every 100 ms until it returns `Ok`, for at most `limit`.
+async fn wait_for<T, F, Fut>(what: &str, limit: Duration, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, String>>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        let left = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_secs(1));
+        let last = match tokio::time::timeout(left, probe()).await {
+            Ok(Ok(v)) => return v,
+            Ok(Err(e)) => e,
+            Err(_) => "the probe itself did not answer in time".to_string(),
+        };
+        if Instant::now() >= deadline {
+            panic!("{what}: not within {limit:?}; last observation: {last}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// SQLSTATE (or "-") and a readable message of a tokio-postgres error.
+fn describe(e: &tokio_postgres::Error) -> (String, String) {
+    match e.as_db_error() {
+        Some(db) => (
+            db.code().code().to_string(),
+            format!("{} {}: {}", db.severity(), db.code().code(), db.message()),
+        ),
+        None => {
+            let mut text = e.to_string();
+            let mut source = std::error::Error::source(e);
+            while let Some(s) = source {
+                let _ = write!(text, ": {s}");
+                source = s.source();
+            }
+            ("-".to_string(), text)
+        }
+    }
+}
+
+/// The config every failover test starts from: transaction pooling, a hold shorter than the
+/// clients' own timeouts, everything else pgswitch's defaults (diagnosis every 1 s, 1 s
+/// timeout, 3 failures).
+fn failover_config(c: &mut Config) {
+    c.pool_mode = PoolMode::Transaction;
+    c.default_pool_size = 10;
+    c.failover.hold_ms = HOLD_MS;
+    c.pool_timeout_ms = 60_000;
+}
+
+async fn blocking<T: Send + 'static>(
+    what: &str,
+    f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+) -> T {
+    let what = what.to_string();
+    bounded(
+        &what,
+        Duration::from_secs(180),
+        tokio::task::spawn_blocking(f),
+    )
+    .await
+    .expect("blocking task")
+    .unwrap_or_else(|e| panic!("{what}: {e:#}"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Direct connections to the nodes (not through pgswitch)
+// ---------------------------------------------------------------------------------------------
+
+async fn direct_as(node: &PgNode, user: &str, password: &str) -> Result<Client, String> {
+    let mut cfg = tokio_postgres::Config::new();
+    cfg.host(node.host())
+        .port(node.port)
+        .user(user)
+        .password(password)
+        .dbname("postgres")
+        .application_name("failover-test")
+        .connect_timeout(Duration::from_secs(3));
+    match tokio::time::timeout(Duration::from_secs(5), cfg.connect(NoTls)).await {
+        Err(_) => Err(format!("{}: no connection within 5 s", node.name)),
+        Ok(Err(e)) => Err(format!("{}: {}", node.name, describe(&e).1)),
+        Ok(Ok((client, connection))) => {
+            tokio::spawn(async move {
+                let _ = connection.await;
+            });
+            Ok(client)
+        }
+    }
+}
+
+async fn direct(node: &PgNode) -> Result<Client, String> {
+    direct_as(node, SUPERUSER, SUPERUSER_PASSWORD).await
+}
+
+/// The first row of `sql` run on `node` as the superuser, as text (`None` = SQL NULL); an
+/// empty vector when there is no row.
+async fn sql_row(node: &PgNode, sql: &str) -> Result<Vec<Option<String>>, String> {
+    let client = direct(node).await?;
+    let msgs = tokio::time::timeout(Duration::from_secs(10), client.simple_query(sql))
+        .await
+        .map_err(|_| format!("{}: no answer to {sql:?} within 10 s", node.name))?
+        .map_err(|e| format!("{}: {}", node.name, describe(&e).1))?;
+    for m in msgs {
+        if let SimpleQueryMessage::Row(r) = m {
+            return Ok((0..r.len()).map(|i| r.get(i).map(str::to_string)).collect());
+        }
+    }
+    Ok(Vec::new())
+}
+
+async fn sql_exec(node: &PgNode, sql: &str) -> Result<(), String> {
+    let client = direct(node).await?;
+    tokio::time::timeout(Duration::from_secs(30), client.simple_query(sql))
+        .await
+        .map_err(|_| format!("{}: no answer to {sql:?} within 30 s", node.name))?
+        .map_err(|e| format!("{}: {sql}: {}", node.name, describe(&e).1))?;
+    Ok(())
+}
+
+async fn in_recovery(node: &PgNode) -> Result<bool, String> {
+    let row = sql_row(node, "SELECT pg_is_in_recovery()").await?;
+    Ok(row.first().cloned().flatten().as_deref() == Some("t"))
+}
+
+/// The port the node's WAL receiver streams from, if it streams.
+async fn upstream_port(node: &PgNode) -> Result<Option<u16>, String> {
+    let row = sql_row(
+        node,
+        "SELECT sender_port FROM pg_stat_wal_receiver WHERE status = 'streaming'",
+    )
+    .await?;
+    Ok(row.first().cloned().flatten().and_then(|p| p.parse().ok()))
+}
+
+async fn wait_streams_from(node: &PgNode, primary: &PgNode, limit: Duration) -> Duration {
+    let started = Instant::now();
+    wait_for(
+        &format!("{} streams from {}", node.name, primary.name),
+        limit,
+        || async move {
+            match upstream_port(node).await? {
+                Some(p) if p == primary.port => Ok(()),
+                other => Err(format!(
+                    "{} streams from {other:?}, want port {}",
+                    node.name, primary.port
+                )),
+            }
+        },
+    )
+    .await;
+    started.elapsed()
+}
+
+/// Every id in table t on `node`.
+async fn ids_on(node: &PgNode) -> HashSet<i64> {
+    let client = direct(node)
+        .await
+        .unwrap_or_else(|e| panic!("reading table t: {e}"));
+    let rows = bounded(
+        "SELECT id FROM t",
+        Duration::from_secs(60),
+        client.query("SELECT id FROM t", &[]),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("SELECT id FROM t on {}: {}", node.name, describe(&e).1));
+    rows.iter().map(|r| r.get::<_, i64>(0)).collect()
+}
+
+/// A short description of a node's state, for the record of how an old primary comes back.
+async fn node_state(node: &PgNode) -> String {
+    match sql_row(
+        node,
+        "SELECT pg_is_in_recovery(), current_setting('default_transaction_read_only'), \
+         (SELECT sender_port FROM pg_stat_wal_receiver WHERE status = 'streaming')",
+    )
+    .await
+    {
+        Err(_) => "unreachable".into(),
+        Ok(row) => {
+            let get = |i: usize| row.get(i).cloned().flatten().unwrap_or_default();
+            match (get(0).as_str(), get(1).as_str(), get(2)) {
+                ("f", "on", _) => "primary, read-only (fenced)".into(),
+                ("f", _, _) => "primary, WRITABLE".into(),
+                ("t", _, p) if p.is_empty() => "standby, not streaming".into(),
+                ("t", _, p) => format!("standby streaming from port {p}"),
+                (a, b, c) => format!("? {a} {b} {c}"),
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Clients through pgswitch
+// ---------------------------------------------------------------------------------------------
+
+async fn connect_app(port: u16) -> Result<Client, (String, String)> {
+    let mut cfg = tokio_postgres::Config::new();
+    cfg.host("127.0.0.1")
+        .port(port)
+        .user(USER)
+        .password(PASSWORD)
+        .dbname("postgres")
+        .connect_timeout(Duration::from_secs(10));
+    match tokio::time::timeout(STEP, cfg.connect(NoTls)).await {
+        Err(_) => Err(("timeout".into(), format!("no connection within {STEP:?}"))),
+        Ok(Err(e)) => Err(describe(&e)),
+        Ok(Ok((client, connection))) => {
+            tokio::spawn(async move {
+                let _ = connection.await;
+            });
+            Ok(client)
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Ack {
+    id: i64,
+    sent: Instant,
+    acked: Instant,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Place {
+    /// Connecting (or preparing the INSERT on a fresh connection) failed.
+    Connect,
+    /// A statement failed on a connection that was already open.
+    Existing,
+}
+
+#[derive(Debug, Clone)]
+struct WriteError {
+    writer: usize,
+    id: Option<i64>,
+    sent: Instant,
+    at: Instant,
+    place: Place,
+    sqlstate: String,
+    message: String,
+    /// The client connection was closed after the error.
+    closed: bool,
+}
+
+#[derive(Default)]
+struct WorkLog {
+    acks: Vec<Ack>,
+    errors: Vec<WriteError>,
+    connects: usize,
+}
+
+/// N writers through pgswitch, each on its own connection, inserting a fresh id every ~10 ms
+/// (autocommit) with a statement prepared once per connection.
+struct Workload {
+    writers: usize,
+    stop: Arc<AtomicBool>,
+    log: Arc<Mutex<WorkLog>>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Workload {
+    fn start(port: u16, writers: usize, first_id: i64) -> Workload {
+        let stop = Arc::new(AtomicBool::new(false));
+        let log = Arc::new(Mutex::new(WorkLog::default()));
+        let next = Arc::new(AtomicI64::new(first_id));
+        let tasks = (0..writers)
+            .map(|w| tokio::spawn(writer(w, port, stop.clone(), log.clone(), next.clone())))
+            .collect();
+        Workload {
+            writers,
+            stop,
+            log,
+            tasks,
+        }
+    }
+
+    fn acks_sent_after(&self, t: Instant) -> usize {
+        let log = self.log.lock().unwrap();
+        log.acks.iter().filter(|a| a.sent > t).count()
+    }
+
+    /// Waits until `n` inserts sent after `t` were acknowledged.
+    async fn wait_acks_after(&self, t: Instant, n: usize, limit: Duration, what: &str) {
+        wait_for(what, limit, || async move {
+            let got = self.acks_sent_after(t);
+            if got >= n {
+                Ok(())
+            } else {
+                let errors = self.log.lock().unwrap().errors.len();
+                Err(format!("{got} of {n} acknowledged, {errors} errors so far"))
+            }
+        })
+        .await
+    }
+
+    async fn finish(self) -> WorkLog {
+        self.stop.store(true, Ordering::SeqCst);
+        for t in self.tasks {
+            let abort = t.abort_handle();
+            if tokio::time::timeout(STEP + Duration::from_secs(20), t)
+                .await
+                .is_err()
+            {
+                abort.abort();
+            }
+        }
+        std::mem::take(&mut *self.log.lock().unwrap())
+    }
+}
+
+async fn open_writer(port: u16) -> Result<(Client, Statement), (String, String)> {
+    let client = connect_app(port).await?;
+    let stmt = match tokio::time::timeout(STEP, client.prepare(INSERT)).await {
+        Err(_) => return Err(("timeout".into(), "prepare: no answer".into())),
+        Ok(Err(e)) => return Err(describe(&e)),
+        Ok(Ok(s)) => s,
+    };
+    Ok((client, stmt))
+}
+
+async fn writer(
+    w: usize,
+    port: u16,
+    stop: Arc<AtomicBool>,
+    log: Arc<Mutex<WorkLog>>,
+    next: Arc<AtomicI64>,
+) {
+    let mut conn: Option<(Client, Statement)> = None;
+    while !stop.load(Ordering::SeqCst) {
+        let tick = Instant::now();
+        if conn.as_ref().is_none_or(|(c, _)| c.is_closed()) {
+            conn = None;
+            let sent = Instant::now();
+            match open_writer(port).await {
+                Ok(c) => {
+                    log.lock().unwrap().connects += 1;
+                    conn = Some(c);
+                }
+                Err((sqlstate, message)) => {
+                    log.lock().unwrap().errors.push(WriteError {
+                        writer: w,
+                        id: None,
+                        sent,
+                        at: Instant::now(),
+                        place: Place::Connect,
+                        sqlstate,
+                        message,
+                        closed: true,
+                    });
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            }
+        }
+        let Some((client, stmt)) = conn.as_ref() else {
+            continue;
+        };
+        let id = next.fetch_add(1, Ordering::SeqCst);
+        let sent = Instant::now();
+        let result = tokio::time::timeout(STEP, client.execute(stmt, &[&id])).await;
+        let at = Instant::now();
+        match result {
+            Ok(Ok(_)) => log.lock().unwrap().acks.push(Ack {
+                id,
+                sent,
+                acked: at,
+            }),
+            Ok(Err(e)) => {
+                let (sqlstate, message) = describe(&e);
+                let closed = client.is_closed();
+                // A lost prepared statement would fail every later insert: start afresh.
+                let reconnect = sqlstate == "26000";
+                log.lock().unwrap().errors.push(WriteError {
+                    writer: w,
+                    id: Some(id),
+                    sent,
+                    at,
+                    place: Place::Existing,
+                    sqlstate,
+                    message,
+                    closed,
+                });
+                if reconnect {
+                    conn = None;
+                }
+            }
+            Err(_) => {
+                log.lock().unwrap().errors.push(WriteError {
+                    writer: w,
+                    id: Some(id),
+                    sent,
+                    at,
+                    place: Place::Existing,
+                    sqlstate: "timeout".into(),
+                    message: format!("no answer within {STEP:?}"),
+                    closed: false,
+                });
+                conn = None;
+            }
+        }
+        let next_tick = tick + Duration::from_millis(10);
+        tokio::time::sleep_until(next_tick.into()).await;
+    }
+}
+
+/// Clients that connect before the fault, prepare a statement, and stay idle.
+struct IdleClients {
+    clients: Vec<(Client, Statement)>,
+}
+
+impl IdleClients {
+    async fn connect(port: u16, n: usize) -> IdleClients {
+        let mut clients = Vec::new();
+        for i in 0..n {
+            let client = connect_app(port)
+                .await
+                .unwrap_or_else(|e| panic!("idle client {i} connects: {e:?}"));
+            let stmt = bounded("prepare", STEP, client.prepare("SELECT $1::int"))
+                .await
+                .expect("idle client prepares");
+            let row = bounded("select", STEP, client.query_one(&stmt, &[&1i32]))
+                .await
+                .expect("idle client runs its statement");
+            assert_eq!(row.get::<_, i32>(0), 1);
+            clients.push((client, stmt));
+        }
+        IdleClients { clients }
+    }
+
+    /// Runs `SELECT 1` and the statement prepared before the fault on every client; returns
+    /// every problem seen (none is expected).
+    async fn check(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        for (i, (client, stmt)) in self.clients.iter().enumerate() {
+            if client.is_closed() {
+                problems.push(format!("idle client {i}: its connection was closed"));
+                continue;
+            }
+            match tokio::time::timeout(STEP, client.simple_query("SELECT 1")).await {
+                Err(_) => problems.push(format!("idle client {i}: SELECT 1 got no answer")),
+                Ok(Err(e)) => {
+                    problems.push(format!("idle client {i}: SELECT 1: {:?}", describe(&e)))
+                }
+                Ok(Ok(_)) => {}
+            }
+            match tokio::time::timeout(STEP, client.query_one(stmt, &[&42i32])).await {
+                Err(_) => problems.push(format!(
+                    "idle client {i}: statement prepared before the fault got no answer"
+                )),
+                Ok(Err(e)) => problems.push(format!(
+                    "idle client {i}: statement prepared before the fault: {:?}",
+                    describe(&e)
+                )),
+                Ok(Ok(row)) if row.get::<_, i32>(0) != 42 => {
+                    problems.push(format!("idle client {i}: wrong answer"))
+                }
+                Ok(Ok(_)) => {}
+            }
+        }
+        problems
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// What pgswitch published
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug, Clone)]
+struct TopoEvent {
+    at: Instant,
+    epoch: u64,
+    primary: Option<String>,
+    holding: bool,
+    reason: Option<String>,
+}
+
+/// Every distinct (epoch, primary, holding, reason) pgswitch published.
+struct TopologyLog {
+    events: Arc<Mutex<Vec<TopoEvent>>>,
+    task: JoinHandle<()>,
+}
+
+impl TopologyLog {
+    fn start(env: &TestEnv) -> TopologyLog {
+        let mut rx = env.proxy.cluster.topology.clone();
+        let events = Arc::new(Mutex::new(Vec::<TopoEvent>::new()));
+        let sink = events.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let ev = {
+                    let t = rx.borrow_and_update();
+                    TopoEvent {
+                        at: Instant::now(),
+                        epoch: t.epoch,
+                        primary: t.primary.map(|i| t.nodes[i].name.clone()),
+                        holding: t.holding,
+                        reason: t.reason.clone(),
+                    }
+                };
+                {
+                    let mut all = sink.lock().unwrap();
+                    let same = all.last().is_some_and(|l: &TopoEvent| {
+                        l.epoch == ev.epoch
+                            && l.primary == ev.primary
+                            && l.holding == ev.holding
+                            && l.reason == ev.reason
+                    });
+                    if !same {
+                        all.push(ev);
+                    }
+                }
+                if rx.changed().await.is_err() {
+                    break;
+                }
+            }
+        });
+        TopologyLog { events, task }
+    }
+
+    fn events(&self) -> Vec<TopoEvent> {
+        self.events.lock().unwrap().clone()
+    }
+
+    fn print(&self, origin: Instant, label: &str) {
+        println!("[{label}] topology published by pgswitch (times relative to the fault):");
+        for e in self.events() {
+            println!(
+                "  {:>9} epoch {} primary {:<4} holding {:<5} reason {}",
+                rel(e.at, origin),
+                e.epoch,
+                e.primary.as_deref().unwrap_or("-"),
+                e.holding,
+                e.reason.as_deref().unwrap_or("-")
+            );
+        }
+    }
+
+    /// The first publication after `t` with a primary other than `old`.
+    fn first_new_primary(&self, old: &str, t: Instant) -> Option<TopoEvent> {
+        self.events()
+            .into_iter()
+            .find(|e| e.at >= t && e.primary.as_deref().is_some_and(|p| p != old))
+    }
+}
+
+impl Drop for TopologyLog {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Admin API
+// ---------------------------------------------------------------------------------------------
+
+async fn admin(env: &TestEnv, method: Method, path: &str, body: Option<&str>) -> Answer {
+    let url = AdminUrl::parse(&format!("http://{}", env.proxy.admin_addr)).expect("admin url");
+    let what = format!("{method} {path}");
+    bounded(
+        &what,
+        Duration::from_secs(150),
+        request(
+            &url,
+            method,
+            path,
+            body.map(str::to_string),
+            None,
+            Duration::from_secs(120),
+        ),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{what}: {e:#}"))
+}
+
+async fn status_json(env: &TestEnv) -> Value {
+    let answer = admin(env, Method::GET, "/status", None).await;
+    assert_eq!(answer.status, StatusCode::OK, "/status: {}", answer.body);
+    serde_json::from_str(&answer.body).expect("/status is JSON")
+}
+
+/// Every string value in /status under a key that names a reason.
+fn reasons_in(v: &Value) -> Vec<String> {
+    let mut out = Vec::new();
+    fn walk(v: &Value, out: &mut Vec<String>) {
+        match v {
+            Value::Object(map) => {
+                for (k, val) in map {
+                    if k.contains("reason") {
+                        if let Some(s) = val.as_str() {
+                            out.push(format!("{k}: {s}"));
+                        }
+                    }
+                    walk(val, out);
+                }
+            }
+            Value::Array(items) => items.iter().for_each(|i| walk(i, out)),
+            _ => {}
+        }
+    }
+    walk(v, &mut out);
+    out
+}
+
+/// Prints the failover metrics pgswitch exports (phase durations, results).
+async fn print_failover_metrics(env: &TestEnv, label: &str) {
+    let answer = admin(env, Method::GET, "/metrics", None).await;
+    println!("[{label}] failover metrics:");
+    for line in answer.body.lines() {
+        if !line.starts_with('#')
+            && (line.contains("failover") || line.contains("aborted") || line.contains("held"))
+            && !line.contains("_bucket")
+        {
+            println!("  {line}");
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reports
+// ---------------------------------------------------------------------------------------------
+
+struct Summary {
+    acks: usize,
+    errors_existing: Vec<WriteError>,
+    errors_connect: Vec<WriteError>,
+    reconnects: usize,
+    missing: Vec<i64>,
+}
+
+fn summarize(
+    label: &str,
+    log: &WorkLog,
+    writers: usize,
+    present: &HashSet<i64>,
+    origin: Instant,
+) -> Summary {
+    let mut missing: Vec<i64> = log
+        .acks
+        .iter()
+        .map(|a| a.id)
+        .filter(|id| !present.contains(id))
+        .collect();
+    missing.sort_unstable();
+    let errors_existing: Vec<WriteError> = log
+        .errors
+        .iter()
+        .filter(|e| e.place == Place::Existing)
+        .cloned()
+        .collect();
+    let errors_connect: Vec<WriteError> = log
+        .errors
+        .iter()
+        .filter(|e| e.place == Place::Connect)
+        .cloned()
+        .collect();
+    let s = Summary {
+        acks: log.acks.len(),
+        errors_existing,
+        errors_connect,
+        reconnects: log.connects.saturating_sub(writers),
+        missing,
+    };
+    println!(
+        "[{label}] writers: {} acknowledged inserts, {} errors on an existing connection, {} on connect, {} reconnections, {} acknowledged ids missing",
+        s.acks,
+        s.errors_existing.len(),
+        s.errors_connect.len(),
+        s.reconnects,
+        s.missing.len()
+    );
+    for e in log.errors.iter().take(40) {
+        println!(
+            "  writer {} id {:?} sent {} failed {} {:?} {} (connection closed: {})",
+            e.writer,
+            e.id,
+            rel(e.sent, origin),
+            rel(e.at, origin),
+            e.place,
+            e.message,
+            e.closed
+        );
+    }
+    if !s.missing.is_empty() {
+        println!(
+            "  missing ids (first 50): {:?}",
+            &s.missing[..s.missing.len().min(50)]
+        );
+    }
+    s
+}
+
+// ---------------------------------------------------------------------------------------------
+// The failover scenario shared by the SIGKILL, immediate-stop and SIGSTOP tests
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    Kill9,
+    StopImmediate,
+    Hang,
+}
+
+async fn create_table(env: &TestEnv) {
+    let client = env.connect().await;
+    bounded(
+        "CREATE TABLE t",
+        STEP,
+        client.batch_execute("CREATE TABLE t(id bigint PRIMARY KEY)"),
+    )
+    .await
+    .expect("CREATE TABLE t through pgswitch");
+}
+
+async fn wait_all_healthy(env: &TestEnv) {
+    wait_for(
+        "every node diagnosed healthy",
+        Duration::from_secs(60),
+        || async move {
+            let t = env.proxy.cluster.current();
+            let bad: Vec<String> = t
+                .nodes
+                .iter()
+                .filter(|n| !n.healthy || n.role == Role::Unknown)
+                .map(|n| format!("{} ({:?})", n.name, n.last_error))
+                .collect();
+            if t.primary == Some(0) && bad.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("primary {:?}, unhealthy {bad:?}", t.primary))
+            }
+        },
+    )
+    .await
+}
+
+/// Waits until `old` (restarted or resumed) is a standby streaming from `primary` and pgswitch
+/// counts it as a standby again; returns the states it went through.
+async fn watch_rejoin(
+    env: &TestEnv,
+    old: usize,
+    primary: &PgNode,
+    limit: Duration,
+    origin: Instant,
+) -> Vec<String> {
+    let node = env.cluster.nodes[old].clone();
+    let mut seen: Vec<String> = Vec::new();
+    let mut last = String::new();
+    let deadline = Instant::now() + limit;
+    loop {
+        let state = node_state(&node).await;
+        let t = env.proxy.cluster.current();
+        let ns = &t.nodes[old];
+        let proxy_view = format!(
+            "pgswitch: {} {}{}",
+            ns.role,
+            if ns.healthy { "healthy" } else { "down" },
+            if ns.quarantined { ", quarantined" } else { "" }
+        );
+        let line = format!("{state} | {proxy_view}");
+        if line != last {
+            seen.push(format!("{} {line}", rel(Instant::now(), origin)));
+            last = line;
+        }
+        let streams = state == format!("standby streaming from port {}", primary.port);
+        if streams && !ns.quarantined && ns.healthy && ns.role == Role::Standby {
+            return seen;
+        }
+        if Instant::now() >= deadline {
+            panic!(
+                "{} did not rejoin as a standby of {} within {limit:?}; states seen:\n  {}\n--- its log ---\n{}\n--- rejoin hook log ---\n{}",
+                node.name,
+                primary.name,
+                seen.join("\n  "),
+                node.log_tail(30),
+                std::fs::read_to_string(node.data_dir.join("pgswitch-rejoin.log"))
+                    .unwrap_or_else(|e| format!("(none: {e})"))
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn failover_scenario(label: &str, fault: Fault, sync: SyncMode, require_sync: bool) {
+    panic_watch::install();
+    let env = TestEnv::start(
+        ClusterSpec {
+            standbys: 2,
+            sync,
+            ..ClusterSpec::default()
+        },
+        |c| {
+            failover_config(c);
+            c.failover.require_sync = require_sync;
+        },
+    )
+    .await;
+    let env = &env;
+    assert!(
+        !env.proxy.proxy.config.failover.rejoin_command.is_empty(),
+        "the tests run from the repository root, where the demo config sets the rejoin hook"
+    );
+    let diag = env.proxy.proxy.config.diagnosis.clone();
+    let max_lag = env.proxy.proxy.config.failover.max_lag_bytes;
+    let port = env.port();
+    create_table(&env).await;
+    wait_all_healthy(&env).await;
+    let topo = TopologyLog::start(&env);
+    let epoch0 = env.proxy.cluster.current().epoch;
+
+    let idle = IdleClients::connect(port, IDLE_CLIENTS).await;
+    let work = Workload::start(port, WRITERS, 1);
+    let warmup = Instant::now();
+    work.wait_acks_after(
+        warmup,
+        100,
+        Duration::from_secs(60),
+        "100 inserts before the fault",
+    )
+    .await;
+
+    // The fault.
+    let n0 = env.cluster.nodes[0].clone();
+    let fault_started = Instant::now();
+    {
+        let n0 = n0.clone();
+        blocking(&format!("{fault:?} of n0"), move || match fault {
+            Fault::Kill9 => n0.kill9(),
+            Fault::StopImmediate => n0.stop_immediate(),
+            Fault::Hang => n0.hang(),
+        })
+        .await;
+    }
+    let fault_done = Instant::now();
+    println!(
+        "[{label}] {fault:?} of n0 took {}",
+        ms(fault_done - fault_started)
+    );
+
+    // A standby becomes the primary.
+    let (p, _) = wait_for(
+        "a standby becomes the primary",
+        Duration::from_secs(90),
+        || async move {
+            let t = env.proxy.cluster.current();
+            match t.primary {
+                Some(p) if p != 0 => Ok((p, t.epoch)),
+                other => Err(format!("primary {other:?}, reason {:?}", t.reason)),
+            }
+        },
+    )
+    .await;
+    let new = env.cluster.nodes[p].clone();
+    let published = topo
+        .first_new_primary("n0", fault_started)
+        .map(|e| e.at)
+        .unwrap_or_else(Instant::now);
+
+    // Writes resume.
+    work.wait_acks_after(
+        fault_done,
+        1,
+        Duration::from_secs(60),
+        "a write acknowledged after the fault",
+    )
+    .await;
+    let keep_until = fault_started + Duration::from_secs(5);
+    tokio::time::sleep_until(keep_until.into()).await;
+    let idle_problems = idle.check().await;
+
+    // The new primary really is one, on a new epoch.
+    assert!(
+        !in_recovery(&new).await.expect("new primary answers"),
+        "{} is still in recovery although pgswitch routes writes to it",
+        new.name
+    );
+    let epoch1 = env.proxy.cluster.current().epoch;
+    assert!(
+        epoch1 > epoch0,
+        "epoch {epoch0} -> {epoch1}: not incremented"
+    );
+
+    // The other standby follows the new primary.
+    let other = env
+        .cluster
+        .nodes
+        .iter()
+        .enumerate()
+        .find(|(i, _)| *i != 0 && *i != p)
+        .map(|(_, n)| n.clone())
+        .expect("a second standby");
+    let repointed = wait_streams_from(&other, &new, Duration::from_secs(60)).await;
+
+    // The old primary comes back: fenced, rejoined by the hook, streaming from the new primary.
+    let back = Instant::now();
+    match fault {
+        Fault::Hang => {
+            let n0 = n0.clone();
+            blocking("resume n0", move || n0.resume()).await;
+        }
+        _ => {
+            let n0 = n0.clone();
+            blocking("restart n0", move || n0.start()).await;
+        }
+    }
+    let states = watch_rejoin(&env, 0, &new, Duration::from_secs(180), back).await;
+    let rejoined = back.elapsed();
+
+    // A little more traffic with the old primary back as a standby, then the books.
+    let after_rejoin = Instant::now();
+    work.wait_acks_after(
+        after_rejoin,
+        20,
+        Duration::from_secs(60),
+        "writes after the rejoin",
+    )
+    .await;
+    let log = work.finish().await;
+    let present = ids_on(&new).await;
+    let s = summarize(label, &log, WRITERS, &present, fault_started);
+
+    let first_write = log
+        .acks
+        .iter()
+        .filter(|a| a.sent > fault_done)
+        .map(|a| a.acked)
+        .min()
+        .expect("a write after the fault");
+    let last_before = log
+        .acks
+        .iter()
+        .filter(|a| a.acked <= fault_started)
+        .map(|a| a.acked)
+        .max();
+    topo.print(fault_started, label);
+    println!(
+        "[{label}] n0 -> {} (epoch {epoch0} -> {epoch1}); failover published {} after the fault; \
+         first acknowledged write after the fault at {} (last one before it at {}); \
+         {} re-pointed within {} of the check; n0 rejoined {} after it came back",
+        new.name,
+        ms(published.saturating_duration_since(fault_started)),
+        ms(first_write - fault_started),
+        last_before.map_or("-".into(), |t| rel(t, fault_started)),
+        other.name,
+        ms(repointed),
+        ms(rejoined),
+    );
+    println!(
+        "[{label}] n0 after it came back:\n  {}",
+        states.join("\n  ")
+    );
+    println!("[{label}] idle clients: {:?}", idle_problems);
+    print_failover_metrics(&env, label).await;
+
+    // Never routed to the old primary once the new one was published.
+    let routed_back: Vec<TopoEvent> = topo
+        .events()
+        .into_iter()
+        .filter(|e| e.at > published && e.primary.as_deref() == Some("n0"))
+        .collect();
+    assert!(
+        routed_back.is_empty(),
+        "pgswitch routed to the old primary after the failover: {routed_back:?}"
+    );
+    assert!(
+        idle_problems.is_empty(),
+        "idle transaction-mode clients saw errors: {idle_problems:?}"
+    );
+    match sync {
+        SyncMode::Any(_) => assert!(
+            s.missing.is_empty(),
+            "{} acknowledged inserts are missing on the new primary {} (synchronous replication): {:?}",
+            s.missing.len(),
+            new.name,
+            &s.missing[..s.missing.len().min(50)]
+        ),
+        SyncMode::Async => {
+            // Each lost insert is at least ~50 bytes of WAL (heap + index + commit records):
+            // losing more than max_lag_bytes / 50 of them means more than max_lag was lost.
+            let bound = max_lag as usize / 50;
+            println!(
+                "[{label}] async: {} acknowledged inserts lost (bound from max_lag_bytes = {max_lag}: {bound})",
+                s.missing.len()
+            );
+            assert!(s.missing.len() <= bound, "lost more than max_lag_bytes allows");
+        }
+    }
+    assert!(
+        s.errors_connect.is_empty() && s.reconnects == 0,
+        "writers had to reconnect or could not connect: {} connect errors, {} reconnections",
+        s.errors_connect.len(),
+        s.reconnects
+    );
+    let bad_codes: Vec<&WriteError> = s
+        .errors_existing
+        .iter()
+        .filter(|e| e.sqlstate != "08006" && e.sqlstate != "08007")
+        .collect();
+    assert!(
+        bad_codes.is_empty(),
+        "errors other than 08006/08007 on existing connections: {bad_codes:?}"
+    );
+    for w in 0..WRITERS {
+        let n = s.errors_existing.iter().filter(|e| e.writer == w).count();
+        assert!(
+            n <= 1,
+            "writer {w} got {n} errors: only the one transaction in flight at the fault may fail"
+        );
+    }
+    if fault != Fault::Hang {
+        // The server was already gone when these were sent: they should have been held and
+        // run on the new primary, not failed.
+        let late: Vec<&WriteError> = s
+            .errors_existing
+            .iter()
+            .filter(|e| e.sent > fault_done)
+            .collect();
+        assert!(
+            late.is_empty(),
+            "inserts sent after n0 was already down failed instead of waiting for the new primary: {late:?}"
+        );
+    } else {
+        let limit =
+            Duration::from_millis(diag.timeout_ms * u64::from(diag.failures) + diag.interval_ms)
+                + Duration::from_secs(8);
+        assert!(
+            published - fault_started <= limit,
+            "a hung primary was failed over after {}, more than timeout_ms x failures + interval + 8 s = {}",
+            ms(published - fault_started),
+            ms(limit)
+        );
+    }
+    panic_watch::assert_no_proxy_panics();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn primary_killed_with_sigkill_fails_over_to_a_synced_standby_without_losing_acknowledged_writes(
+) {
+    bounded(
+        "test",
+        TEST_LIMIT,
+        failover_scenario("sigkill", Fault::Kill9, SyncMode::Any(1), true),
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn primary_stopped_immediately_fails_over_with_async_replication_within_the_lag_bound() {
+    bounded(
+        "test",
+        TEST_LIMIT,
+        failover_scenario(
+            "stop-immediate",
+            Fault::StopImmediate,
+            SyncMode::Async,
+            false,
+        ),
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hung_primary_sigstop_is_failed_over_and_fenced_when_it_resumes() {
+    bounded(
+        "test",
+        TEST_LIMIT,
+        failover_scenario("sigstop", Fault::Hang, SyncMode::Any(1), false),
+    )
+    .await
+}
+
+// ---------------------------------------------------------------------------------------------
+// A broken path to a primary that still streams WAL
+// ---------------------------------------------------------------------------------------------
+
+/// A TCP relay the test controls: forwards 127.0.0.1:port to 127.0.0.1:target until cut; cut
+/// closes every relayed connection and black-holes new ones (accepted, never answered).
+struct TcpRelay {
+    port: u16,
+    target: Arc<AtomicU16>,
+    cut: Arc<AtomicBool>,
+    conns: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    accepted: Arc<AtomicUsize>,
+    accept: JoinHandle<()>,
+}
+
+impl TcpRelay {
+    async fn start() -> TcpRelay {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("relay binds");
+        let port = listener.local_addr().expect("relay addr").port();
+        let target = Arc::new(AtomicU16::new(0));
+        let cut = Arc::new(AtomicBool::new(false));
+        let conns: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let accept = {
+            let (target, cut, conns, accepted) =
+                (target.clone(), cut.clone(), conns.clone(), accepted.clone());
+            tokio::spawn(async move {
+                loop {
+                    let Ok((mut sock, _)) = listener.accept().await else {
+                        continue;
+                    };
+                    accepted.fetch_add(1, Ordering::Relaxed);
+                    let task = if cut.load(Ordering::SeqCst) {
+                        // Black hole: read and drop, never answer.
+                        tokio::spawn(async move {
+                            let mut buf = [0u8; 4096];
+                            while let Ok(n) = sock.read(&mut buf).await {
+                                if n == 0 {
+                                    break;
+                                }
+                            }
+                        })
+                    } else {
+                        let port = target.load(Ordering::SeqCst);
+                        tokio::spawn(async move {
+                            if let Ok(mut upstream) = TcpStream::connect(("127.0.0.1", port)).await
+                            {
+                                let _ =
+                                    tokio::io::copy_bidirectional(&mut sock, &mut upstream).await;
+                            }
+                        })
+                    };
+                    let mut all = conns.lock().unwrap();
+                    all.retain(|t| !t.is_finished());
+                    all.push(task);
+                }
+            })
+        };
+        TcpRelay {
+            port,
+            target,
+            cut,
+            conns,
+            accepted,
+            accept,
+        }
+    }
+
+    fn abort_all(&self) -> usize {
+        let all = std::mem::take(&mut *self.conns.lock().unwrap());
+        let n = all.iter().filter(|t| !t.is_finished()).count();
+        for t in all {
+            t.abort();
+        }
+        n
+    }
+
+    /// Closes every relayed connection and black-holes new ones.
+    fn cut(&self) -> usize {
+        self.cut.store(true, Ordering::SeqCst);
+        self.abort_all()
+    }
+
+    /// Forwards again (black-holed connections are closed).
+    fn restore(&self) {
+        self.cut.store(false, Ordering::SeqCst);
+        self.abort_all();
+    }
+}
+
+impl Drop for TcpRelay {
+    fn drop(&mut self) {
+        self.accept.abort();
+        self.abort_all();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_path_to_a_primary_that_still_streams_wal_does_not_fail_over() {
+    bounded("test", TEST_LIMIT, async {
+        panic_watch::install();
+        let relay = TcpRelay::start().await;
+        let target = relay.target.clone();
+        let relay_port = relay.port;
+        let env = TestEnv::start(ClusterSpec::default(), move |c| {
+            failover_config(c);
+            target.store(c.nodes[0].port, Ordering::SeqCst);
+            c.nodes[0].port = relay_port;
+        })
+        .await;
+        let env = &env;
+        let n0 = env.cluster.nodes[0].clone();
+        println!(
+            "[relay] n0 listens on {}, pgswitch reaches it through the relay on {}",
+            n0.port, relay.port
+        );
+        create_table(&env).await;
+        wait_all_healthy(&env).await;
+        let topo = TopologyLog::start(&env);
+        let epoch0 = env.proxy.cluster.current().epoch;
+        let idle = IdleClients::connect(env.port(), 2).await;
+
+        // A writer connected directly to n0 keeps producing WAL.
+        let direct_writer = direct(&n0).await.expect("direct connection to n0");
+        direct_writer
+            .batch_execute("CREATE TABLE w(id bigint)")
+            .await
+            .expect("CREATE TABLE w");
+        let direct_acks = Arc::new(AtomicUsize::new(0));
+        let direct_errors = Arc::new(Mutex::new(Vec::<String>::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let direct_task = {
+            let (acks, errors, stop) = (direct_acks.clone(), direct_errors.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut i = 0i64;
+                while !stop.load(Ordering::SeqCst) {
+                    i += 1;
+                    match tokio::time::timeout(
+                        Duration::from_secs(10),
+                        direct_writer.execute("INSERT INTO w VALUES ($1)", &[&i]),
+                    )
+                    .await
+                    {
+                        Ok(Ok(_)) => {
+                            acks.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok(Err(e)) => errors.lock().unwrap().push(describe(&e).1),
+                        Err(_) => errors.lock().unwrap().push("timeout".into()),
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(500)).await;
+
+        // Cut pgswitch's path to n0.
+        let cut_at = Instant::now();
+        let closed = relay.cut();
+        let acks_at_cut = direct_acks.load(Ordering::Relaxed);
+        println!("[relay] cut: {closed} relayed connections closed, new ones black-holed");
+
+        let reason = wait_for(
+            "pgswitch explains why it does not fail over",
+            Duration::from_secs(30),
+            || async move {
+                let t = env.proxy.cluster.current();
+                match &t.reason {
+                    Some(r) if r.contains("WAL") => Ok(r.clone()),
+                    other => Err(format!("reason {other:?}, primary {:?}", t.primary)),
+                }
+            },
+        )
+        .await;
+        println!(
+            "[relay] {} after the cut, reason: {reason}",
+            ms(cut_at.elapsed())
+        );
+        assert!(
+            reason.contains("still receives WAL") || reason.contains("receiv"),
+            "the reason should say a standby still receives WAL: {reason}"
+        );
+
+        // No promotion for a while: every standby stays in recovery.
+        let watch_until = (cut_at + Duration::from_secs(8)).max(Instant::now() + Duration::from_secs(4));
+        let mut checks = 0;
+        while Instant::now() < watch_until {
+            let t = env.proxy.cluster.current();
+            assert!(
+                t.primary.is_none() || t.primary == Some(0),
+                "pgswitch routes to another node: {:?} (reason {:?})",
+                t.primary,
+                t.reason
+            );
+            assert_eq!(t.epoch, epoch0, "the epoch changed: a failover ran");
+            for s in &env.cluster.nodes[1..] {
+                assert!(
+                    in_recovery(s).await.expect("standby answers"),
+                    "{} was promoted although n0 is alive",
+                    s.name
+                );
+            }
+            checks += 1;
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        let st = status_json(&env).await;
+        let status_reasons = reasons_in(&st);
+        let direct_during = direct_acks.load(Ordering::Relaxed) - acks_at_cut;
+        println!(
+            "[relay] {checks} checks over {}: no promotion; the direct writer committed {direct_during} inserts on n0 meanwhile; /status reasons: {status_reasons:?}",
+            ms(cut_at.elapsed())
+        );
+        assert!(direct_during > 10, "the direct writer should keep writing on n0");
+
+        // Restore the path: pgswitch routes to n0 again.
+        relay.restore();
+        let restored = Instant::now();
+        wait_for("pgswitch routes to n0 again", Duration::from_secs(30), || async move {
+            let t = env.proxy.cluster.current();
+            if t.primary == Some(0) && t.reason.is_none() {
+                Ok(())
+            } else {
+                Err(format!("primary {:?}, reason {:?}", t.primary, t.reason))
+            }
+        })
+        .await;
+        let client = env.connect().await;
+        bounded(
+            "insert after restore",
+            STEP,
+            client.execute("INSERT INTO t(id) VALUES (424242)", &[]),
+        )
+        .await
+        .expect("a write through pgswitch after the path is restored");
+        let on_n0 = sql_row(&n0, "SELECT count(*) FROM t WHERE id = 424242")
+            .await
+            .expect("n0 answers");
+        assert_eq!(on_n0.first().cloned().flatten().as_deref(), Some("1"));
+        let idle_problems = idle.check().await;
+        println!(
+            "[relay] routing to n0 again {} after the restore; idle clients: {idle_problems:?}",
+            ms(restored.elapsed())
+        );
+        stop.store(true, Ordering::SeqCst);
+        let _ = tokio::time::timeout(Duration::from_secs(15), direct_task).await;
+        let direct_errs = direct_errors.lock().unwrap().clone();
+        topo.print(cut_at, "relay");
+        println!(
+            "[relay] relay accepted {} connections in all; direct writer errors: {direct_errs:?}",
+            relay.accepted.load(Ordering::Relaxed)
+        );
+        assert!(direct_errs.is_empty(), "the direct writer saw errors: {direct_errs:?}");
+        assert!(idle_problems.is_empty(), "idle clients saw errors: {idle_problems:?}");
+        assert!(
+            status_reasons.iter().any(|r| r.contains("WAL")),
+            "/status does not say why there was no failover (reasons found: {status_reasons:?}); full /status: {st}"
+        );
+        panic_watch::assert_no_proxy_panics();
+    })
+    .await
+}
+
+// ---------------------------------------------------------------------------------------------
+// Refusals: a lagging standby, require_sync with too few standbys
+// ---------------------------------------------------------------------------------------------
+
+/// After the primary died, checks for `hold` that nothing is promoted, and returns the reason
+/// pgswitch gives (which must contain `expect`).
+async fn assert_no_promotion(env: &TestEnv, label: &str, expect: &str, hold: Duration) -> String {
+    let epoch0 = env.proxy.cluster.current().epoch;
+    let started = Instant::now();
+    let reason = wait_for(
+        &format!("pgswitch refuses to fail over, saying '{expect}'"),
+        Duration::from_secs(45),
+        || async move {
+            let t = env.proxy.cluster.current();
+            match &t.reason {
+                Some(r) if r.contains(expect) => Ok(r.clone()),
+                other => Err(format!("reason {other:?}, primary {:?}", t.primary)),
+            }
+        },
+    )
+    .await;
+    println!(
+        "[{label}] refusal reason after {}: {reason}",
+        ms(started.elapsed())
+    );
+    let until = Instant::now() + hold;
+    while Instant::now() < until {
+        let t = env.proxy.cluster.current();
+        assert!(
+            t.primary.is_none(),
+            "pgswitch routes to {:?} although it must not fail over (reason {:?})",
+            t.primary.map(|i| t.nodes[i].name.clone()),
+            t.reason
+        );
+        assert_eq!(t.epoch, epoch0, "the epoch changed");
+        for s in &env.cluster.nodes[1..] {
+            if let Ok(r) = in_recovery(s).await {
+                assert!(r, "{} was promoted", s.name);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    reason
+}
+
+async fn assert_status_explains(env: &TestEnv, label: &str, expect: &str) {
+    let ready = admin(env, Method::GET, "/ready", None).await;
+    let st = status_json(env).await;
+    let reasons = reasons_in(&st);
+    println!(
+        "[{label}] /ready {} {}; /status reasons {reasons:?}",
+        ready.status, ready.body
+    );
+    assert_eq!(
+        ready.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "/ready must be 503 without a primary"
+    );
+    assert!(
+        reasons.iter().any(|r| r.contains(expect)),
+        "/status does not say why no standby was promoted (want '{expect}' in a reason; found {reasons:?})"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_lagging_beyond_max_lag_bytes_is_never_promoted() {
+    bounded("test", TEST_LIMIT, async {
+        panic_watch::install();
+        let env = TestEnv::start(
+            ClusterSpec {
+                standbys: 1,
+                ..ClusterSpec::default()
+            },
+            |c| {
+                failover_config(c);
+                c.failover.max_lag_bytes = 1024;
+            },
+        )
+        .await;
+        let env = &env;
+        let (n0, n1) = (env.cluster.nodes[0].clone(), env.cluster.nodes[1].clone());
+        let n1 = &n1;
+        wait_all_healthy(env).await;
+        // Detach n1: its WAL receiver stops, so it falls behind.
+        sql_exec(&n1, "ALTER SYSTEM SET primary_conninfo = ''").await.expect("detach");
+        sql_exec(&n1, "SELECT pg_reload_conf()").await.expect("reload");
+        wait_for("n1 stops streaming", Duration::from_secs(30), || async move {
+            match upstream_port(&n1).await? {
+                None => Ok(()),
+                Some(p) => Err(format!("still streams from {p}")),
+            }
+        })
+        .await;
+        sql_exec(
+            &n0,
+            "CREATE TABLE big AS SELECT g, repeat('x', 1000) AS pad FROM generate_series(1, 4000) g",
+        )
+        .await
+        .expect("write 4 MB on n0");
+        let primary_lsn = sql_row(&n0, "SELECT pg_current_wal_lsn()")
+            .await
+            .expect("n0 lsn")[0]
+            .clone()
+            .unwrap_or_default();
+        let standby_lsn = sql_row(&n1, "SELECT pg_last_wal_receive_lsn()")
+            .await
+            .expect("n1 lsn")[0]
+            .clone()
+            .unwrap_or_default();
+        let lag = sql_row(
+            &n0,
+            &format!("SELECT pg_wal_lsn_diff('{primary_lsn}', '{standby_lsn}')::bigint"),
+        )
+        .await
+        .expect("lag")[0]
+            .clone()
+            .unwrap_or_default();
+        println!("[lag] n0 at {primary_lsn}, n1 received {standby_lsn}: {lag} bytes behind (max_lag_bytes = 1024)");
+        // pgswitch must have seen the primary's new LSN before it dies.
+        let want = pgswitch::cluster::parse_lsn(&primary_lsn).expect("lsn");
+        wait_for("pgswitch diagnoses n0's new LSN", Duration::from_secs(30), || async move {
+            let t = env.proxy.cluster.current();
+            match t.nodes[0].lsn_value() {
+                Some(l) if l >= want => Ok(()),
+                other => Err(format!("pgswitch saw {other:?}")),
+            }
+        })
+        .await;
+
+        blocking("kill n0", move || n0.kill9()).await;
+        let reason = assert_no_promotion(&env, "lag", "max_lag_bytes", Duration::from_secs(6)).await;
+        assert!(reason.contains("n1"), "the reason names the standby: {reason}");
+        assert!(
+            in_recovery(&n1).await.expect("n1 answers"),
+            "n1 must still be a standby"
+        );
+        assert_status_explains(&env, "lag", "max_lag_bytes").await;
+        panic_watch::assert_no_proxy_panics();
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn require_sync_with_too_few_standbys_refuses_to_promote() {
+    bounded("test", TEST_LIMIT, async {
+        panic_watch::install();
+        let env = TestEnv::start(
+            ClusterSpec {
+                standbys: 2,
+                sync: SyncMode::Any(1),
+                ..ClusterSpec::default()
+            },
+            |c| {
+                failover_config(c);
+                c.failover.require_sync = true;
+            },
+        )
+        .await;
+        let env = &env;
+        create_table(env).await;
+        wait_all_healthy(env).await;
+        let (n0, n2) = (env.cluster.nodes[0].clone(), env.cluster.nodes[2].clone());
+        blocking("stop n2", move || n2.stop_immediate()).await;
+        // Commits still succeed with ANY 1 (n1 acknowledges them).
+        let client = env.connect().await;
+        for id in 1..=20i64 {
+            bounded("insert", STEP, client.execute(INSERT, &[&id]))
+                .await
+                .expect("insert with one synchronous standby left");
+        }
+        wait_for(
+            "pgswitch sees n2 down",
+            Duration::from_secs(30),
+            || async move {
+                let t = env.proxy.cluster.current();
+                if t.nodes[2].healthy {
+                    Err("n2 still healthy".to_string())
+                } else {
+                    Ok(())
+                }
+            },
+        )
+        .await;
+        blocking("kill n0", move || n0.kill9()).await;
+        let reason =
+            assert_no_promotion(&env, "require_sync", "require_sync", Duration::from_secs(6)).await;
+        assert_status_explains(&env, "require_sync", "require_sync").await;
+        assert!(reason.contains("require_sync"), "{reason}");
+        panic_watch::assert_no_proxy_panics();
+    })
+    .await
+}
+
+// ---------------------------------------------------------------------------------------------
+// Planned switchover there and back
+// ---------------------------------------------------------------------------------------------
+
+async fn switchover_to(env: &TestEnv, to: &str) -> (Duration, String) {
+    let started = Instant::now();
+    let answer = admin(
+        env,
+        Method::POST,
+        "/switchover",
+        Some(&format!("{{\"to\":\"{to}\"}}")),
+    )
+    .await;
+    let took = started.elapsed();
+    assert_eq!(
+        answer.status,
+        StatusCode::OK,
+        "switchover to {to} refused: {}",
+        answer.body
+    );
+    (took, answer.body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switchover_there_and_back_loses_nothing_and_drops_no_idle_client() {
+    bounded("test", TEST_LIMIT, async {
+        panic_watch::install();
+        let env = TestEnv::start(ClusterSpec::default(), failover_config).await;
+        let env = &env;
+        let port = env.port();
+        create_table(&env).await;
+        wait_all_healthy(&env).await;
+        let topo = TopologyLog::start(&env);
+        let nodes = env.cluster.nodes.clone();
+        let idle = IdleClients::connect(port, IDLE_CLIENTS).await;
+        let work = Workload::start(port, WRITERS, 1);
+        let origin = Instant::now();
+        work.wait_acks_after(origin, 100, Duration::from_secs(60), "100 inserts before the switchover")
+            .await;
+
+        // There: n0 -> n1.
+        let (took1, body1) = switchover_to(&env, "n1").await;
+        println!("[switchover] to n1 in {}: {body1}", ms(took1));
+        let t = env.proxy.cluster.current();
+        assert_eq!(t.primary, Some(1), "n1 is the primary after the switchover");
+        assert!(!in_recovery(&nodes[1]).await.expect("n1 answers"));
+        let s1 = Instant::now();
+        work.wait_acks_after(s1, 50, Duration::from_secs(60), "writes on n1").await;
+        let n2_follows = wait_streams_from(&nodes[2], &nodes[1], Duration::from_secs(60)).await;
+        let states0 = watch_rejoin(&env, 0, &nodes[1], Duration::from_secs(180), s1).await;
+        println!(
+            "[switchover] n2 follows n1 ({} after the check began); n0 rejoined {} after the switchover:\n  {}",
+            ms(n2_follows),
+            ms(s1.elapsed()),
+            states0.join("\n  ")
+        );
+
+        // And back: n1 -> n0.
+        let (took2, body2) = switchover_to(&env, "n0").await;
+        println!("[switchover] back to n0 in {}: {body2}", ms(took2));
+        let t = env.proxy.cluster.current();
+        assert_eq!(t.primary, Some(0), "n0 is the primary again");
+        assert!(!in_recovery(&nodes[0]).await.expect("n0 answers"));
+        let s2 = Instant::now();
+        work.wait_acks_after(s2, 50, Duration::from_secs(60), "writes on n0 again")
+            .await;
+        wait_streams_from(&nodes[2], &nodes[0], Duration::from_secs(60)).await;
+        let states1 = watch_rejoin(&env, 1, &nodes[0], Duration::from_secs(180), s2).await;
+        println!(
+            "[switchover] n1 rejoined {} after the switchover back:\n  {}",
+            ms(s2.elapsed()),
+            states1.join("\n  ")
+        );
+
+        let idle_problems = idle.check().await;
+        let log = work.finish().await;
+        let present = ids_on(&nodes[0]).await;
+        let s = summarize("switchover", &log, WRITERS, &present, origin);
+        topo.print(origin, "switchover");
+        // Longest write stall around each switchover.
+        let mut acked: Vec<Instant> = log.acks.iter().map(|a| a.acked).collect();
+        acked.sort();
+        let stall = acked
+            .windows(2)
+            .map(|w| w[1] - w[0])
+            .max()
+            .unwrap_or_default();
+        println!(
+            "[switchover] longest gap between acknowledged writes: {}; idle clients: {idle_problems:?}",
+            ms(stall)
+        );
+        print_failover_metrics(&env, "switchover").await;
+        assert!(idle_problems.is_empty(), "idle clients saw errors: {idle_problems:?}");
+        assert!(
+            s.missing.is_empty(),
+            "{} acknowledged writes lost by a planned switchover",
+            s.missing.len()
+        );
+        assert!(
+            s.errors_connect.is_empty() && s.reconnects == 0,
+            "a switchover must not drop client connections ({} connect errors, {} reconnections)",
+            s.errors_connect.len(),
+            s.reconnects
+        );
+        assert!(
+            s.errors_existing.len() <= WRITERS,
+            "{} writer errors over two switchovers (at most a handful expected)",
+            s.errors_existing.len()
+        );
+        panic_watch::assert_no_proxy_panics();
+    })
+    .await
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fencing without a hook, and a restarted pgswitch
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_old_primary_without_a_rejoin_hook_is_fenced_and_a_restarted_pgswitch_never_routes_to_it(
+) {
+    bounded("test", TEST_LIMIT, async {
+        panic_watch::install();
+        let tweak = |c: &mut Config| {
+            failover_config(c);
+            c.failover.rejoin_command = String::new();
+        };
+        let env = TestEnv::start(ClusterSpec::default(), tweak).await;
+        let env = &env;
+        create_table(&env).await;
+        wait_all_healthy(&env).await;
+        let n0 = env.cluster.nodes[0].clone();
+        let epoch0 = env.proxy.cluster.current().epoch;
+        {
+            let n0 = n0.clone();
+            blocking("stop n0", move || n0.stop_immediate()).await;
+        }
+        let p = wait_for("failover", Duration::from_secs(60), || async move {
+            match env.proxy.cluster.current().primary {
+                Some(p) if p != 0 => Ok(p),
+                other => Err(format!("primary {other:?}")),
+            }
+        })
+        .await;
+        let new = env.cluster.nodes[p].clone();
+        let client = env.connect().await;
+        bounded("insert", STEP, client.execute(INSERT, &[&1i64]))
+            .await
+            .expect("write after the failover");
+
+        // The old primary comes back as a primary: pgswitch must fence it.
+        let back = Instant::now();
+        {
+            let n0 = n0.clone();
+            blocking("restart n0", move || n0.start()).await;
+        }
+        let n0r = &n0;
+        wait_for(
+            "n0 fenced (read-only)",
+            Duration::from_secs(30),
+            || async move {
+                match node_state(n0r).await.as_str() {
+                    "primary, read-only (fenced)" => Ok(()),
+                    other => Err(other.to_string()),
+                }
+            },
+        )
+        .await;
+        let fenced_after = back.elapsed();
+        let n0_app = direct_as(&n0, USER, PASSWORD).await.expect("app on n0");
+        let err = n0_app
+            .execute("INSERT INTO t(id) VALUES (-1)", &[])
+            .await
+            .expect_err("a fenced old primary refuses writes");
+        assert_eq!(describe(&err).0, "25006", "{:?}", describe(&err));
+
+        // It stays quarantined, and writes keep going to the new primary.
+        for id in 2..=20i64 {
+            bounded("insert", STEP, client.execute(INSERT, &[&id]))
+                .await
+                .expect("write with the old primary back");
+        }
+        let t = env.proxy.cluster.current();
+        assert_eq!(t.primary, Some(p));
+        assert!(
+            t.nodes[0].quarantined,
+            "n0 must stay quarantined without a hook"
+        );
+        let st = status_json(&env).await;
+        let n0_status = st["nodes"]
+            .as_array()
+            .and_then(|a| a.iter().find(|n| n["name"] == "n0"))
+            .cloned()
+            .unwrap_or_default();
+        assert_eq!(
+            n0_status["quarantined"],
+            Value::Bool(true),
+            "/status shows n0 quarantined: {n0_status}"
+        );
+
+        // A second pgswitch started from the same state file never routes to n0.
+        let config = common::config_for(&env.cluster, tweak);
+        let second = pgswitch::server::start(config)
+            .await
+            .expect("second pgswitch starts");
+        let t2 = second.cluster.current();
+        println!(
+            "[fence] second pgswitch: epoch {} primary {:?} quarantined {:?}",
+            t2.epoch,
+            t2.primary.map(|i| t2.nodes[i].name.clone()),
+            t2.nodes
+                .iter()
+                .filter(|n| n.quarantined)
+                .map(|n| n.name.clone())
+                .collect::<Vec<_>>()
+        );
+        assert_eq!(
+            t2.primary,
+            Some(p),
+            "a restarted pgswitch routes to {}",
+            new.name
+        );
+        assert!(t2.epoch > epoch0);
+        let (c2, conn2) = tokio_postgres::connect(
+            &format!(
+                "host=127.0.0.1 port={} user={USER} password={PASSWORD} dbname=postgres",
+                second.listen_addr.port()
+            ),
+            NoTls,
+        )
+        .await
+        .expect("connect to the second pgswitch");
+        tokio::spawn(conn2);
+        bounded("insert", STEP, c2.execute(INSERT, &[&777i64]))
+            .await
+            .expect("write through the second pgswitch");
+        let on_new = ids_on(&new).await;
+        assert!(
+            on_new.contains(&777),
+            "the second pgswitch wrote to the new primary"
+        );
+        let state = node_state(&n0).await;
+        println!(
+            "[fence] n0 fenced {} after it came back; now: {state}",
+            ms(fenced_after)
+        );
+        assert_eq!(state, "primary, read-only (fenced)");
+        drop(c2);
+        second.shutdown().await;
+        panic_watch::assert_no_proxy_panics();
+    })
+    .await
+}
