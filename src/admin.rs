@@ -80,7 +80,7 @@ impl Admin {
             .ok()
             .map(|t| t.trim().to_string())
             .filter(|t| !t.is_empty())
-            .or_else(|| Some(proxy.config.admin_token.trim().to_string()))
+            .or_else(|| Some(proxy.config().admin_token.trim().to_string()))
             .filter(|t| !t.is_empty());
         Admin::new(proxy, token)
     }
@@ -285,9 +285,9 @@ fn status_report(proxy: &Proxy) -> serde_json::Value {
         ready: ready.is_ok(),
         ready_reason: ready.err(),
         paused: proxy.is_paused(),
-        pool_mode: proxy.config.pool_mode,
+        pool_mode: proxy.config().pool_mode,
         clients: proxy.client_count(),
-        max_client_connections: proxy.config.max_client_connections,
+        max_client_connections: proxy.config().max_client_connections,
         nodes: topology
             .nodes
             .iter()

@@ -79,6 +79,8 @@ struct RejoinOutcome {
 
 pub struct Controller {
     config: Arc<Config>,
+    /// Reloaded configurations (diagnosis and failover settings apply at the next cycle).
+    config_rx: watch::Receiver<Arc<Config>>,
     coord: Arc<dyn Coordinator>,
     fences: Arc<Fences>,
     pools: Arc<Pools>,
@@ -106,11 +108,12 @@ pub struct Controller {
 
 impl Controller {
     pub fn new(
-        config: Arc<Config>,
+        config_rx: watch::Receiver<Arc<Config>>,
         coord: Arc<dyn Coordinator>,
         fences: Arc<Fences>,
         pools: Arc<Pools>,
     ) -> (Controller, ClusterView, SwitchoverHandle) {
+        let config = config_rx.borrow().clone();
         let topology = Topology::initial(&config);
         let (tx, rx) = watch::channel(topology.clone());
         let rediagnose = Arc::new(Notify::new());
@@ -121,6 +124,7 @@ impl Controller {
         (
             Controller {
                 config,
+                config_rx,
                 coord,
                 fences,
                 pools,
@@ -161,8 +165,8 @@ impl Controller {
     /// The loop: a cycle every `diagnosis.interval_ms`, sooner while the primary fails or on
     /// a passive signal from the data path.
     pub async fn run(mut self) {
-        let interval = Duration::from_millis(self.config.diagnosis.interval_ms);
         loop {
+            let interval = Duration::from_millis(self.config.diagnosis.interval_ms);
             let delay = if self.primary_failures > 0 {
                 RETRY_DELAY.min(interval)
             } else {
@@ -195,6 +199,9 @@ impl Controller {
     }
 
     async fn cycle(&mut self) {
+        if self.config_rx.has_changed().unwrap_or(false) {
+            self.config = self.config_rx.borrow_and_update().clone();
+        }
         self.diagnose_all().await;
         self.decide().await;
         self.publish();

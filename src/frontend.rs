@@ -29,40 +29,26 @@ use crate::wire::{self, StartupMessage, StartupPacket, WireError};
 /// Largest authentication message a client may send.
 const MAX_AUTH_MESSAGE: usize = 64 * 1024;
 
-/// Everything sessions share.
-pub struct Proxy {
+/// What a reload replaces at once: the configuration and what is derived from it.
+pub struct Live {
     pub config: Arc<Config>,
-    /// Every server socket, so a failover can cut those to the old primary.
-    pub fences: Arc<Fences>,
-    /// Where planned switchovers are requested.
-    pub switchover: Option<SwitchoverHandle>,
-    pub pools: Arc<Pools>,
-    pub cluster: ClusterView,
-    pub cancels: Arc<CancelRegistry>,
     tls: Option<tokio_rustls::TlsAcceptor>,
     secrets: HashMap<String, Secret>,
     auth_method: AuthMethod,
-    client_slots: Arc<Semaphore>,
-    next_client_id: AtomicU64,
-    /// PgBouncer's PAUSE: while true, no new transaction gets a server (bounded by hold_ms).
-    paused: watch::Sender<bool>,
 }
 
-impl Proxy {
-    pub fn new(
-        config: Arc<Config>,
-        cluster: ClusterView,
-        tls: Option<tokio_rustls::TlsAcceptor>,
-        fences: Arc<Fences>,
-        pools: Arc<Pools>,
-        switchover: Option<SwitchoverHandle>,
-    ) -> Result<Proxy, AuthError> {
+impl Live {
+    /// Parses the users' secrets (deriving SCRAM keys once, not on every login) and loads TLS.
+    pub fn new(config: Arc<Config>) -> Result<Live, ReloadError> {
+        let tls = match &config.tls {
+            Some(t) => Some(crate::stream::server_tls_acceptor(&t.cert, &t.key)?),
+            None => None,
+        };
         let auth_method = config.auth_method();
         let mut secrets = HashMap::new();
         for user in &config.users {
             if let Some(password) = &user.password {
                 let secret = match Secret::parse(&user.name, password)? {
-                    // Derive the SCRAM keys once, not on every login.
                     Secret::Plain(p) if auth_method == AuthMethod::ScramSha256 => {
                         let salt: [u8; auth::SCRAM_DEFAULT_SALT_LEN] = rand::random();
                         Secret::Scram(auth::ScramVerifier::from_password(
@@ -76,20 +62,131 @@ impl Proxy {
                 secrets.insert(user.name.clone(), secret);
             }
         }
-        Ok(Proxy {
-            fences,
-            auth_method,
-            client_slots: Arc::new(Semaphore::new(config.max_client_connections)),
+        Ok(Live {
             config,
-            pools,
-            switchover,
-            cluster,
-            cancels: Arc::new(CancelRegistry::default()),
             tls,
             secrets,
+            auth_method,
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error(transparent)]
+    Tls(#[from] crate::stream::TlsError),
+    #[error("users: {0}")]
+    Auth(#[from] AuthError),
+}
+
+/// Everything sessions share.
+pub struct Proxy {
+    live: std::sync::RwLock<Arc<Live>>,
+    /// Every server socket, so a failover can cut those to the old primary.
+    pub fences: Arc<Fences>,
+    /// Where planned switchovers are requested.
+    pub switchover: Option<SwitchoverHandle>,
+    pub pools: Arc<Pools>,
+    pub cluster: ClusterView,
+    pub cancels: Arc<CancelRegistry>,
+    client_slots: Arc<Semaphore>,
+    max_clients: usize,
+    next_client_id: AtomicU64,
+    /// PgBouncer's PAUSE: while true, no new transaction gets a server (bounded by hold_ms).
+    paused: watch::Sender<bool>,
+}
+
+impl Proxy {
+    pub fn new(
+        live: Live,
+        cluster: ClusterView,
+        fences: Arc<Fences>,
+        pools: Arc<Pools>,
+        switchover: Option<SwitchoverHandle>,
+    ) -> Proxy {
+        let max_clients = live.config.max_client_connections;
+        Proxy {
+            live: std::sync::RwLock::new(Arc::new(live)),
+            fences,
+            switchover,
+            pools,
+            cluster,
+            cancels: Arc::new(CancelRegistry::default()),
+            client_slots: Arc::new(Semaphore::new(max_clients)),
+            max_clients,
             next_client_id: AtomicU64::new(1),
             paused: watch::Sender::new(false),
-        })
+        }
+    }
+
+    /// The configuration in force now (a reload replaces it).
+    pub fn config(&self) -> Arc<Config> {
+        self.live().config.clone()
+    }
+
+    fn live(&self) -> Arc<Live> {
+        self.live.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Puts a new configuration in force: users and passwords, pool sizes, timeouts, TLS
+    /// certificates. Existing connections are not touched. Returns the changed keys that only
+    /// take effect after a restart.
+    pub fn reload(&self, live: Live) -> Vec<String> {
+        let old = self.config();
+        let new = live.config.clone();
+        let mut restart = Vec::new();
+        let mut differs = |key: &str, a: String, b: String| {
+            if a != b {
+                restart.push(key.to_string());
+            }
+        };
+        differs("listen", old.listen.clone(), new.listen.clone());
+        differs(
+            "admin_listen",
+            old.admin_listen.clone(),
+            new.admin_listen.clone(),
+        );
+        differs(
+            "admin_token",
+            old.admin_token.clone(),
+            new.admin_token.clone(),
+        );
+        differs(
+            "pool_mode",
+            format!("{:?}", old.pool_mode),
+            format!("{:?}", new.pool_mode),
+        );
+        differs(
+            "max_client_connections",
+            old.max_client_connections.to_string(),
+            new.max_client_connections.to_string(),
+        );
+        differs(
+            "nodes",
+            format!("{:?}", old.nodes),
+            format!("{:?}", new.nodes),
+        );
+        differs(
+            "coordination",
+            format!("{:?}", old.coordination),
+            format!("{:?}", new.coordination),
+        );
+        for pool in self.pools.all() {
+            let user = pool.key.user.clone();
+            let password = new
+                .user(&user)
+                .and_then(|u| u.server_login_password())
+                .map(str::to_string);
+            pool.reconfigure(
+                new.pool_size_for(&user),
+                password,
+                new.server_connect_timeout(),
+                new.server_tls,
+            );
+        }
+        *self.live.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(live);
+        info!(restart_needed = ?restart, "configuration reloaded");
+        restart
     }
 
     /// Holds new transactions until `resume` (the admin API's `POST /pause`).
@@ -117,7 +214,7 @@ impl Proxy {
 
     /// Number of clients logged in or logging in.
     pub fn client_count(&self) -> usize {
-        self.config.max_client_connections - self.client_slots.available_permits()
+        self.max_clients - self.client_slots.available_permits()
     }
 }
 
@@ -162,7 +259,7 @@ pub struct LoggedIn {
 async fn handle_client(proxy: Arc<Proxy>, tcp: TcpStream, addr: SocketAddr, id: u64) {
     let _ = tcp.set_nodelay(true);
     let slot = proxy.client_slots.clone().try_acquire_owned().ok();
-    let login_timeout = proxy.config.client_login_timeout();
+    let login_timeout = proxy.config().client_login_timeout();
     let outcome = tokio::time::timeout(login_timeout, login(&proxy, tcp, slot)).await;
     let logged_in = match outcome {
         Err(_) => {
@@ -223,7 +320,8 @@ async fn login(
                     .await;
                     return None;
                 }
-                match (&stream, &proxy.tls) {
+                let live = proxy.live();
+                match (&stream, &live.tls) {
                     (Stream::Plain(_), Some(acceptor)) => {
                         let Stream::Plain(mut tcp) = stream else {
                             return None;
@@ -424,12 +522,13 @@ async fn authenticate(
     buf: &mut BytesMut,
     user: &str,
 ) -> Result<(), Option<ClientError>> {
-    let secret = proxy.secrets.get(user);
-    let known = proxy.config.user(user).is_some();
+    let live = proxy.live();
+    let secret = live.secrets.get(user);
+    let known = live.config.user(user).is_some();
     let secret = if known { secret } else { None };
     let failed = || Some(ClientError::password_failed(user));
     let mut out = BytesMut::new();
-    match proxy.auth_method {
+    match live.auth_method {
         AuthMethod::Trust => {
             if !known {
                 return Err(failed());

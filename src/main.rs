@@ -85,16 +85,16 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Run { config } => {
-            let config = match Config::load(&config) {
+        Command::Run { config: path } => {
+            let config = match Config::load(&path) {
                 Ok(c) => c,
                 Err(e) => {
-                    eprintln!("{}: {e}", config.display());
+                    eprintln!("{}: {e}", path.display());
                     return ExitCode::FAILURE;
                 }
             };
             init_logging();
-            run_async(pgswitch::server::run_until_signal(config))
+            run_async(pgswitch::server::run_until_signal(config, path))
         }
         Command::Status { admin, json } => run_async(pgswitch::status::run_status(&admin, json)),
         Command::Switchover { to, admin } => {

@@ -773,7 +773,7 @@ pub fn refresh(proxy: &Proxy, topology: &Topology) {
     gauge!(CLIENT_CONNECTIONS, "state" => "waiting").set(waiting as f64);
     gauge!(CLIENT_CONNECTIONS, "state" => "idle")
         .set(clients.saturating_sub(active + waiting) as f64);
-    gauge!(MAX_CLIENT_CONNECTIONS).set(proxy.config.max_client_connections as f64);
+    gauge!(MAX_CLIENT_CONNECTIONS).set(proxy.config().max_client_connections as f64);
     gauge!(SERVER_CONNECTIONS, "state" => "active").set(active as f64);
     gauge!(SERVER_CONNECTIONS, "state" => "idle").set(idle_servers as f64);
     gauge!(PAUSED).set(if proxy.is_paused() { 1.0 } else { 0.0 });

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::backend::{ServerConn, ServerError, ServerLogin};
 use crate::cluster::ClusterView;
@@ -54,8 +54,8 @@ struct Counters {
 
 pub struct Pool {
     pub key: PoolKey,
-    login: ServerLogin,
-    size: usize,
+    login: Mutex<ServerLogin>,
+    size: AtomicUsize,
     permits: Arc<Semaphore>,
     idle: Mutex<Vec<ServerConn>>,
     counters: Counters,
@@ -116,12 +116,52 @@ impl Pool {
         Pool {
             metrics: PoolMetrics::new(&key.to_string()),
             key,
-            login,
-            size,
+            login: Mutex::new(login),
+            size: AtomicUsize::new(size),
             permits: Arc::new(Semaphore::new(size)),
             idle: Mutex::new(Vec::new()),
             counters: Counters::default(),
             known_statements: Arc::new(KnownStatements::default()),
+        }
+    }
+
+    fn lock_login(&self) -> MutexGuard<'_, ServerLogin> {
+        self.login.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A reload: new size and login for new server connections; connections in use stay.
+    pub fn reconfigure(
+        &self,
+        size: usize,
+        password: Option<String>,
+        connect_timeout: Duration,
+        tls: crate::config::ServerTlsMode,
+    ) {
+        {
+            let mut login = self.lock_login();
+            login.password = password;
+            login.connect_timeout = connect_timeout;
+            login.tls = tls;
+        }
+        let old = self.size.swap(size, Ordering::Relaxed);
+        if size > old {
+            self.permits.add_permits(size - old);
+        } else if size < old {
+            let shrink = old - size;
+            let forgotten = self.permits.forget_permits(shrink);
+            let rest = (shrink - forgotten) as u32;
+            if rest > 0 {
+                // Slots in use are taken away as they come back.
+                let permits = self.permits.clone();
+                tokio::spawn(async move {
+                    if let Ok(p) = permits.acquire_many_owned(rest).await {
+                        p.forget();
+                    }
+                });
+            }
+        }
+        if size != old {
+            info!(pool = %self.key, from = old, to = size, "pool resized");
         }
     }
 
@@ -149,7 +189,7 @@ impl Pool {
                 metrics::pool_acquire_failed(&self.key.to_string(), AcquireFailure::Timeout);
                 return Err(PoolError::Timeout {
                     pool: self.key.clone(),
-                    size: self.size,
+                    size: self.size.load(Ordering::Relaxed),
                     waited_ms: started.elapsed().as_millis(),
                 });
             }
@@ -176,7 +216,8 @@ impl Pool {
                 debug!(server = conn.id, node = %conn.target.node, "discarding stale server connection");
                 tokio::spawn(conn.close());
             }
-            match ServerConn::connect(&target, &self.login, epoch).await {
+            let login = self.lock_login().clone();
+            match ServerConn::connect(&target, &login, epoch).await {
                 Ok(conn) => {
                     debug!(server = conn.id, node = %target.node, pool = %self.key, "server connection opened");
                     metrics::server_connection_opened(&target.node);
@@ -233,7 +274,7 @@ impl Pool {
         PoolStatus {
             user: self.key.user.clone(),
             database: self.key.database.clone(),
-            size: self.size,
+            size: self.size.load(Ordering::Relaxed),
             clients_waiting: self.counters.waiting.load(Ordering::Relaxed),
             servers_active: self.counters.active.load(Ordering::Relaxed),
             servers_idle: self.lock_idle().len(),

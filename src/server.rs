@@ -8,7 +8,7 @@ use anyhow::Context as _;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::backend::Fences;
 use crate::cluster::ClusterView;
@@ -16,9 +16,9 @@ use crate::config::Config;
 use crate::config::CoordinationMode;
 use crate::coord::{Coordinator, StateFile};
 use crate::failover::Controller;
-use crate::frontend::{self, Proxy};
+use crate::frontend::{self, Live, Proxy};
 use crate::pool::Pools;
-use crate::{admin, metrics, stream};
+use crate::{admin, metrics};
 
 /// A running pgswitch.
 pub struct Running {
@@ -27,6 +27,7 @@ pub struct Running {
     pub admin_addr: SocketAddr,
     pub proxy: Arc<Proxy>,
     pub cluster: ClusterView,
+    config_tx: watch::Sender<Arc<Config>>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -36,10 +37,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     // First, so that nothing the data path records is lost.
     metrics::install();
     let config = Arc::new(config);
-    let tls = match &config.tls {
-        Some(t) => Some(stream::server_tls_acceptor(&t.cert, &t.key).context("tls")?),
-        None => None,
-    };
+    let live = Live::new(config.clone()).context("config")?;
     let fences = Arc::new(Fences::default());
     let pools = Arc::new(Pools::default());
     let coord: Arc<dyn Coordinator> = match config.coordination.mode {
@@ -48,21 +46,18 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             anyhow::bail!("coordination.mode = \"etcd\" is not available in this build")
         }
     };
+    let (config_tx, config_rx) = watch::channel(config.clone());
     let (mut controller, cluster, switchover) =
-        Controller::new(config.clone(), coord, fences.clone(), pools.clone());
+        Controller::new(config_rx, coord, fences.clone(), pools.clone());
     controller.start().await.context("cluster state")?;
     let mut tasks = vec![tokio::spawn(controller.run())];
-    let proxy = Arc::new(
-        Proxy::new(
-            config.clone(),
-            cluster.clone(),
-            tls,
-            fences,
-            pools,
-            Some(switchover),
-        )
-        .context("users")?,
-    );
+    let proxy = Arc::new(Proxy::new(
+        live,
+        cluster.clone(),
+        fences,
+        pools,
+        Some(switchover),
+    ));
     tasks.push(tokio::spawn(
         proxy
             .pools
@@ -96,17 +91,37 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         admin_addr,
         proxy,
         cluster,
+        config_tx,
         shutdown,
         tasks,
     })
 }
 
 impl Running {
+    /// Puts a new configuration in force without dropping connections: users and passwords,
+    /// pool sizes, timeouts, TLS certificates, diagnosis and failover settings. A config that
+    /// does not load (bad TLS files, bad secrets) is rejected and the old one stays. Returns the
+    /// changed keys that need a restart.
+    pub fn reload(&self, config: Config) -> anyhow::Result<Vec<String>> {
+        let config = Arc::new(config);
+        let live = match Live::new(config.clone()) {
+            Ok(l) => l,
+            Err(e) => {
+                metrics::config_reloaded(false);
+                return Err(e.into());
+            }
+        };
+        let restart = self.proxy.reload(live);
+        self.config_tx.send_replace(config);
+        metrics::config_reloaded(true);
+        Ok(restart)
+    }
+
     /// Stops accepting clients, lets sessions finish for up to `shutdown_timeout_ms`, then
     /// stops everything.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
-        let deadline = Instant::now() + self.proxy.config.shutdown_timeout();
+        let deadline = Instant::now() + self.proxy.config().shutdown_timeout();
         while self.proxy.client_count() > 0 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -124,10 +139,28 @@ impl Running {
     }
 }
 
-/// Runs until SIGTERM or SIGINT, then shuts down gracefully.
-pub async fn run_until_signal(config: Config) -> anyhow::Result<()> {
+/// Runs until SIGTERM or SIGINT, then shuts down gracefully. SIGHUP reloads `path`.
+pub async fn run_until_signal(config: Config, path: std::path::PathBuf) -> anyhow::Result<()> {
     let running = start(config).await?;
-    wait_for_signal().await;
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            _ = wait_for_signal() => break,
+            _ = hangup.recv() => match Config::load(&path) {
+                Ok(config) => match running.reload(config) {
+                    Ok(restart) if restart.is_empty() => info!(path = %path.display(), "SIGHUP: configuration reloaded"),
+                    Ok(restart) => warn!(path = %path.display(), keys = ?restart, "SIGHUP: configuration reloaded; these changes need a restart"),
+                    Err(e) => {
+                        warn!(path = %path.display(), error = %format!("{e:#}"), "SIGHUP: new configuration rejected; the old one stays");
+                    }
+                },
+                Err(e) => {
+                    metrics::config_reloaded(false);
+                    warn!(path = %path.display(), error = %e, "SIGHUP: new configuration rejected; the old one stays");
+                }
+            },
+        }
+    }
     info!("shutdown requested");
     running.shutdown().await;
     Ok(())

@@ -67,7 +67,7 @@ impl ClientSession {
             slot: _slot,
             ..
         } = login;
-        let mode = proxy.config.pool_mode;
+        let mode = proxy.config().pool_mode;
         let pool = pool_for(&proxy, &user, &database);
         let attached = tokio::select! {
             r = attach(&proxy, &pool, &params) => r,
@@ -130,7 +130,7 @@ impl ClientSession {
             .await;
             match end {
                 RelayEvent::NeedServer => {
-                    let wait = Duration::from_millis(proxy.config.failover.hold_ms);
+                    let wait = proxy.config().hold();
                     if !proxy.wait_unpaused(wait).await {
                         relay.fail_in_flight(ClientError::no_server_while_paused());
                         continue;
@@ -262,7 +262,7 @@ fn tracked_names(proxy: &Proxy) -> Vec<String> {
     TRACKED_PARAMS
         .iter()
         .map(|s| s.to_string())
-        .chain(proxy.config.track_extra_params.iter().cloned())
+        .chain(proxy.config().track_extra_params.iter().cloned())
         .collect()
 }
 
@@ -316,8 +316,8 @@ async fn attach(
     let mut server = pool
         .acquire(
             &proxy.cluster,
-            proxy.config.pool_timeout(),
-            proxy.config.hold(),
+            proxy.config().pool_timeout(),
+            proxy.config().hold(),
         )
         .await
         .map_err(|e| {
@@ -332,7 +332,7 @@ async fn attach(
 }
 
 fn pool_for(proxy: &Proxy, user: &str, database: &str) -> Arc<Pool> {
-    let config = &proxy.config;
+    let config = proxy.config();
     proxy.pools.get_or_create(
         PoolKey {
             user: user.to_string(),
@@ -396,7 +396,10 @@ async fn return_server(proxy: &Proxy, mut server: PooledServer, relay: &Relay) {
             server.conn.simple_query("ROLLBACK").await?;
         }
         if session_mode {
-            server.conn.reset(&proxy.config.server_reset_query).await?;
+            server
+                .conn
+                .reset(&proxy.config().server_reset_query)
+                .await?;
         }
         Ok::<(), crate::backend::ServerError>(())
     };
@@ -512,8 +515,8 @@ impl Relay {
             tracker: Tracker::default(),
             wanted,
             tracked: tracked_names(proxy),
-            max_message: proxy.config.max_message_bytes,
-            cache_size: proxy.config.prepared_statement_cache_size,
+            max_message: proxy.config().max_message_bytes,
+            cache_size: proxy.config().prepared_statement_cache_size,
         }
     }
 
