@@ -66,6 +66,7 @@ fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("PGSWITCH_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
         .with_env_filter(filter)
         .with_target(false)
         .init();
