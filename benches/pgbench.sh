@@ -2,7 +2,8 @@
 # pgbench: direct PostgreSQL (A) vs PgBouncer (B) vs pgswitch (C), transaction pooling.
 #
 #   bash benches/pgbench.sh                      # default: 10 s per run, ~10 minutes
-#   BENCH_SECONDS=3 bash benches/pgbench.sh      # quick look, ~2-3 minutes
+#   BENCH_SECONDS=3 bash benches/pgbench.sh      # ~3.5 minutes (48 pgbench runs + idle test)
+#   BENCH_SECONDS=3 BENCH_ROUNDS=1 bash benches/pgbench.sh   # quick look, ~1.5 minutes
 #
 # Environment (all optional):
 #   BENCH_SECONDS       duration of each pgbench run (-T), default 10
@@ -12,6 +13,7 @@
 #   BENCH_POOL_SIZE     server pool size of both proxies, default 20
 #   BENCH_SCALE         pgbench -i scale, default 10
 #   BENCH_IDLE_CLIENTS  idle clients opened through each proxy, default 2000 (0 skips)
+#   BENCH_WORKERS       pgswitch worker threads (config key workers), default 1, like PgBouncer
 #   BENCH_SKIP_BUILD=1  use the existing target/release/pgswitch
 #   BENCH_KEEP=1        keep the temporary directory (logs) after the run
 #
@@ -175,6 +177,7 @@ start_pgswitch() {
 listen = "127.0.0.1:$SW_PORT"
 admin_listen = "127.0.0.1:$SW_ADMIN_PORT"
 pool_mode = "transaction"
+workers = ${BENCH_WORKERS:-1}
 default_pool_size = $POOL
 max_client_connections = 10000
 auth_type = "scram-sha-256"
@@ -215,6 +218,10 @@ log "starting PgBouncer ($(pgbouncer --version | head -1)) on $PGB_PORT and pgsw
 start_pgbouncer
 start_pgswitch
 CLK_TCK=$(getconf CLK_TCK)
+LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
+if awk -v l="${LOAD_START%% *}" 'BEGIN { exit !(l > 1.5) }'; then
+    log "WARNING: load average is $LOAD_START before the runs: something else is using the CPUs, numbers will be noisy"
+fi
 
 # ---- pgbench runs -----------------------------------------------------------------------------
 cpu_ticks() { # pid -> utime+stime of the whole process (all threads)
@@ -297,7 +304,7 @@ EOF
         log "    $target -M $mode -c $clients round $round: $stall"
         printf '%s -M %s -c %s round %s: %s\n' "$target" "$mode" "$clients" "$round" "$stall" >>"$WORK/stalls.txt"
     }
-    log "  $target -M $mode -c $clients: $tps tps${cpu:+, $cpu us proxy CPU/tx}"
+    log "  $target -M $mode -c $clients: $tps tps${cpu:+, $cpu us proxy CPU/tx} (load $(cut -d' ' -f1 /proc/loadavg))"
     if [ "$target" = pgswitch ]; then
         local warns
         warns=$(tail -n +$((log_lines + 1)) "$WORK/pgswitch.log" | grep -E 'WARN|ERROR' || true)
@@ -366,7 +373,8 @@ def f(v, fmt):
 
 print()
 print("pgbench -S, $SECS s per run, $ROUNDS rounds interleaved (direct, pgbouncer, pgswitch), median TPS;")
-print("pool size $POOL on both proxies, transaction mode, scram-sha-256, -j 2, scale $SCALE")
+print("pool size $POOL on both proxies, transaction mode, scram-sha-256, -j 2, scale $SCALE;")
+print("load average before the runs: $LOAD_START (2 cores: above ~1.5 means other work shared the CPUs); after: $(cut -d' ' -f1-3 /proc/loadavg) (includes the benchmark)")
 print()
 hdr = f"{'mode':<9} {'clients':>7} {'direct':>9} {'pgbouncer':>9} {'pgswitch':>9} {'sw/pgb':>7} {'sw/direct':>9} {'pgb_us/tx':>9} {'sw_us/tx':>9}"
 print(hdr); print("-" * len(hdr))

@@ -88,6 +88,9 @@ pub struct Config {
     /// Query run on a server connection before it goes back to the pool (session mode).
     #[serde(default = "defaults::server_reset_query")]
     pub server_reset_query: String,
+    /// Threads that run the proxy; 0 = one per CPU core.
+    #[serde(default)]
+    pub workers: usize,
     /// Transaction mode: prepared statements kept per server connection (least recently used
     /// are closed beyond this).
     #[serde(default = "defaults::prepared_statement_cache_size")]

@@ -927,8 +927,14 @@ impl Controller {
     ) -> Result<(), String> {
         let config = self.config.clone();
         let timeout = Duration::from_secs(5);
-        // Let running transactions finish (bounded); new ones are held.
-        let drain_deadline = Instant::now() + SWITCHOVER_DRAIN;
+        // Let running transactions finish (bounded); new ones are held. Session-mode
+        // sessions hold their server for good: idle ones move to the new primary instead.
+        let drain = if self.config.pool_mode == crate::config::PoolMode::Transaction {
+            SWITCHOVER_DRAIN
+        } else {
+            Duration::ZERO
+        };
+        let drain_deadline = Instant::now() + drain;
         while self
             .pools
             .all()

@@ -32,6 +32,7 @@ const MAX_AUTH_MESSAGE: usize = 64 * 1024;
 /// What a reload replaces at once: the configuration and what is derived from it.
 pub struct Live {
     pub config: Arc<Config>,
+    tracked: Arc<[String]>,
     tls: Option<tokio_rustls::TlsAcceptor>,
     secrets: HashMap<String, Secret>,
     auth_method: AuthMethod,
@@ -63,6 +64,7 @@ impl Live {
             }
         }
         Ok(Live {
+            tracked: crate::session::tracked_params(&config),
             config,
             tls,
             secrets,
@@ -122,6 +124,11 @@ impl Proxy {
     /// The configuration in force now (a reload replaces it).
     pub fn config(&self) -> Arc<Config> {
         self.live().config.clone()
+    }
+
+    /// Session parameters each client keeps across servers.
+    pub fn tracked_params(&self) -> Arc<[String]> {
+        self.live().tracked.clone()
     }
 
     fn live(&self) -> Arc<Live> {
@@ -260,7 +267,7 @@ async fn handle_client(proxy: Arc<Proxy>, tcp: TcpStream, addr: SocketAddr, id: 
     let _ = tcp.set_nodelay(true);
     let slot = proxy.client_slots.clone().try_acquire_owned().ok();
     let login_timeout = proxy.config().client_login_timeout();
-    let outcome = tokio::time::timeout(login_timeout, login(&proxy, tcp, slot)).await;
+    let outcome = tokio::time::timeout(login_timeout, Box::pin(login(&proxy, tcp, slot))).await;
     let logged_in = match outcome {
         Err(_) => {
             debug!("login timed out after {login_timeout:?}");
@@ -272,7 +279,8 @@ async fn handle_client(proxy: Arc<Proxy>, tcp: TcpStream, addr: SocketAddr, id: 
     };
     info!(user = %logged_in.user, database = %logged_in.database, tls = logged_in.stream.is_tls(), "client logged in");
     metrics::client_connected();
-    ClientSession::run(proxy, logged_in, id, addr).await;
+    // Boxed: an idle client's task holds only the session's own state.
+    Box::pin(ClientSession::run(proxy, logged_in, id, addr)).await;
     metrics::client_disconnected();
 }
 

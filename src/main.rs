@@ -95,7 +95,8 @@ fn main() -> ExitCode {
                 }
             };
             init_logging();
-            run_async(pgswitch::server::run_until_signal(config, path))
+            let workers = config.workers;
+            run_async_with(workers, pgswitch::server::run_until_signal(config, path))
         }
         Command::Status { admin, json } => run_async(pgswitch::status::run_status(&admin, json)),
         Command::Switchover { to, admin } => {
@@ -110,10 +111,19 @@ fn main() -> ExitCode {
 }
 
 fn run_async(f: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    run_async_with(0, f)
+}
+
+/// Runs `f` on a runtime with `workers` threads (0 = one per core).
+fn run_async_with(
+    workers: usize,
+    f: impl std::future::Future<Output = anyhow::Result<()>>,
+) -> ExitCode {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if workers > 0 {
+        builder.worker_threads(workers);
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("cannot start the runtime: {e}");

@@ -70,7 +70,7 @@ impl ClientSession {
         let mode = proxy.config().pool_mode;
         let pool = pool_for(&proxy, &user, &database);
         let attached = tokio::select! {
-            r = attach(&proxy, &pool, &params) => r,
+            r = Box::pin(attach(&proxy, &pool, &params)) => r,
             _ = read_until_closed(&mut stream, &mut leftover) => {
                 debug!("client left while waiting for its first server");
                 return;
@@ -87,7 +87,7 @@ impl ClientSession {
         let mut wanted = params;
         if mode == PoolMode::Transaction {
             // The first server's values are this client's defaults from now on.
-            for name in tracked_names(&proxy) {
+            for name in tracked_names(&proxy).iter().cloned() {
                 if !wanted.iter().any(|(n, _)| n.eq_ignore_ascii_case(&name)) {
                     if let Some(v) = server.conn.params.get(&name) {
                         wanted.push((name, v.clone()));
@@ -136,7 +136,7 @@ impl ClientSession {
                         continue;
                     }
                     let attached = tokio::select! {
-                        r = attach(&proxy, &pool, &relay.wanted) => Some(r),
+                        r = Box::pin(attach(&proxy, &pool, &relay.wanted)) => Some(r),
                         _ = read_until_closed(&mut stream, &mut relay.client_in) => None,
                     };
                     let Some(attached) = attached else {
@@ -168,7 +168,7 @@ impl ClientSession {
                         debug!(error = %e, "client connection lost");
                     }
                     if let Some(s) = server.take() {
-                        return_server(&proxy, s, &relay).await;
+                        Box::pin(return_server(&proxy, s, &relay)).await;
                     }
                     break;
                 }
@@ -220,7 +220,7 @@ impl ClientSession {
                         (PoolMode::Session, true) if idle_before => {
                             // Not in a transaction: move the session to the new primary with
                             // its parameters and prepared statements.
-                            match reattach(&proxy, &pool, &relay).await {
+                            match Box::pin(reattach(&proxy, &pool, &relay)).await {
                                 Ok(s) => {
                                     info!(server = s.conn.id, node = %s.conn.target.node, "idle session moved to the new primary");
                                     cancel.slot.set(Some(cancel_target(&s.conn)));
@@ -258,11 +258,16 @@ impl ClientSession {
     }
 }
 
-fn tracked_names(proxy: &Proxy) -> Vec<String> {
+fn tracked_names(proxy: &Proxy) -> Arc<[String]> {
+    proxy.tracked_params()
+}
+
+/// The built-in tracked parameters plus `track_extra_params`.
+pub fn tracked_params(config: &crate::config::Config) -> Arc<[String]> {
     TRACKED_PARAMS
         .iter()
         .map(|s| s.to_string())
-        .chain(proxy.config().track_extra_params.iter().cloned())
+        .chain(config.track_extra_params.iter().cloned())
         .collect()
 }
 
@@ -472,7 +477,7 @@ struct Relay {
     tracker: Tracker,
     /// Session parameters this client keeps across servers.
     wanted: Vec<(String, String)>,
-    tracked: Vec<String>,
+    tracked: Arc<[String]>,
     max_message: usize,
     cache_size: usize,
     /// The pool's statements known to parse.
@@ -998,7 +1003,11 @@ impl Relay {
                 && self.to_server.len() < HIGH_WATER
                 && self.client_in.len() < HIGH_WATER
             {
-                // An idle client costs no buffer: wait for readability before allocating.
+                // An idle client costs no buffer: free what it used, and wait for
+                // readability before allocating again.
+                if server.is_none() && self.client_in.is_empty() && self.to_client.is_empty() {
+                    self.shrink_idle_buffers();
+                }
                 let ready = if self.client_in.capacity() == 0 {
                     client.poll_read_ready(cx).is_ready()
                 } else {

@@ -100,3 +100,124 @@ async fn pgbench_simple_extended_and_prepared_run_with_100_clients_over_10_serve
         "pgswitch opened more server connections than the pool size: {servers}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_tokio_postgres_clients_share_five_servers_with_prepared_statements() {
+    let env = transaction_env(5).await;
+    let setup = env.connect().await;
+    setup
+        .batch_execute("CREATE TABLE kv (k int PRIMARY KEY, v text)")
+        .await
+        .expect("create table");
+    let mut tasks = Vec::new();
+    for c in 0..50i32 {
+        let dsn = env.app_dsn();
+        tasks.push(tokio::spawn(async move {
+            let (client, connection) = tokio_postgres::connect(&dsn, tokio_postgres::NoTls)
+                .await
+                .expect("connect through pgswitch");
+            tokio::spawn(connection);
+            // Statements prepared once per client and used across many transactions, which
+            // land on whichever of the 5 servers is free.
+            let insert = client
+                .prepare("INSERT INTO kv (k, v) VALUES ($1, $2)")
+                .await
+                .expect("prepare insert");
+            let select = client
+                .prepare("SELECT v FROM kv WHERE k = $1")
+                .await
+                .expect("prepare select");
+            let count = client
+                .prepare("SELECT count(*) FROM kv WHERE k >= $1 AND k < $2")
+                .await
+                .expect("prepare count");
+            for i in 0..20i32 {
+                let k = c * 1000 + i;
+                client
+                    .execute(&insert, &[&k, &format!("value {k}")])
+                    .await
+                    .expect("insert through a prepared statement");
+                let row = client.query_one(&select, &[&k]).await.expect("select");
+                assert_eq!(row.get::<_, String>(0), format!("value {k}"));
+            }
+            let row = client
+                .query_one(&count, &[&(c * 1000), &(c * 1000 + 1000)])
+                .await
+                .expect("count");
+            assert_eq!(row.get::<_, i64>(0), 20);
+            // An explicit transaction keeps its server until COMMIT.
+            let mut client = client;
+            let tx = client.transaction().await.expect("begin");
+            tx.execute(&insert, &[&(c * 1000 + 999), &"in tx"])
+                .await
+                .expect("insert in transaction");
+            tx.commit().await.expect("commit");
+        }));
+    }
+    for t in tasks {
+        t.await.expect("client task succeeded");
+    }
+    let total = setup
+        .query_one("SELECT count(*) FROM kv", &[])
+        .await
+        .expect("total");
+    assert_eq!(total.get::<_, i64>(0), 50 * 21);
+    let servers = env.cluster.nodes[0]
+        .psql("SELECT count(*) FROM pg_stat_activity WHERE usename = 'app' AND backend_type = 'client backend'")
+        .expect("count server connections");
+    assert!(
+        servers.parse::<usize>().expect("a number") <= 5,
+        "more server connections than the pool size: {servers}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_stops_only_the_query_of_the_client_that_sent_it() {
+    let env = transaction_env(3).await;
+    let victim = env.connect().await;
+    let token = victim.cancel_token();
+    // Twenty other clients keep the three servers busy with short sleeps.
+    let mut others = Vec::new();
+    for _ in 0..20 {
+        let client = env.connect().await;
+        others.push(tokio::spawn(async move {
+            for _ in 0..10 {
+                client
+                    .simple_query("SELECT pg_sleep(0.05)")
+                    .await
+                    .expect("another client's query is never cancelled");
+            }
+        }));
+    }
+    let long = tokio::spawn(async move { victim.simple_query("SELECT pg_sleep(30)").await });
+    // Let the long query start on some server.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let started = std::time::Instant::now();
+    token
+        .cancel_query(tokio_postgres::NoTls)
+        .await
+        .expect("cancel request sent");
+    let result = tokio::time::timeout(std::time::Duration::from_secs(10), long)
+        .await
+        .expect("the cancelled query ends")
+        .expect("task");
+    let err = result.expect_err("the long query was cancelled");
+    assert_eq!(
+        err.as_db_error().map(|e| e.code().code()),
+        Some("57014"),
+        "{err}"
+    );
+    println!("cancelled in {:?}", started.elapsed());
+    for t in others {
+        t.await.expect("other clients finished without a cancel");
+    }
+    // Cancels sent while the client holds no server go nowhere.
+    let idle = env.connect().await;
+    idle.cancel_token()
+        .cancel_query(tokio_postgres::NoTls)
+        .await
+        .expect("cancel of an idle client is accepted");
+    idle.simple_query("SELECT 1")
+        .await
+        .expect("the idle client is unaffected");
+}
