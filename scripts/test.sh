@@ -29,6 +29,7 @@ ensure_postgres
 ensure_psql
 ensure_openssl
 ensure_python_packages
+ensure_prometheus
 
 section "cargo fmt --check"
 cargo fmt --all -- --check

@@ -26,13 +26,17 @@ async fn transaction_env(pool_size: usize) -> TestEnv {
 
 /// Runs pgbench through pgswitch and returns its output; panics with the output on failure.
 fn pgbench(port: u16, args: &[&str]) -> String {
-    let out = Command::new("pgbench")
-        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", USER, "-n"])
-        .args(args)
-        .arg("postgres")
-        .env("PGPASSWORD", PASSWORD)
-        .output()
-        .expect("pgbench runs (install postgresql-client / run scripts/test.sh)");
+    let out = Command::new(
+        pgswitch::harness::pg_bin_dir()
+            .expect("PostgreSQL binaries")
+            .join("pgbench"),
+    )
+    .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", USER, "-n"])
+    .args(args)
+    .arg("postgres")
+    .env("PGPASSWORD", PASSWORD)
+    .output()
+    .expect("pgbench runs (install postgresql-client / run scripts/test.sh)");
     let text = format!(
         "{}\n{}",
         String::from_utf8_lossy(&out.stdout),
@@ -47,23 +51,27 @@ async fn pgbench_simple_extended_and_prepared_run_with_100_clients_over_10_serve
     let env = transaction_env(10).await;
     let port = env.port();
     tokio::task::spawn_blocking(move || {
-        let init = Command::new("pgbench")
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &port.to_string(),
-                "-U",
-                USER,
-                "-i",
-                "-s",
-                "1",
-                "-q",
-                "postgres",
-            ])
-            .env("PGPASSWORD", PASSWORD)
-            .output()
-            .expect("pgbench -i runs");
+        let init = Command::new(
+            pgswitch::harness::pg_bin_dir()
+                .expect("PostgreSQL binaries")
+                .join("pgbench"),
+        )
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-U",
+            USER,
+            "-i",
+            "-s",
+            "1",
+            "-q",
+            "postgres",
+        ])
+        .env("PGPASSWORD", PASSWORD)
+        .output()
+        .expect("pgbench -i runs");
         assert!(
             init.status.success(),
             "pgbench -i failed: {}",
@@ -220,4 +228,17 @@ async fn a_cancel_stops_only_the_query_of_the_client_that_sent_it() {
     idle.simple_query("SELECT 1")
         .await
         .expect("the idle client is unaffected");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psycopg_and_asyncpg_run_prepared_statements_with_50_clients_over_5_servers() {
+    common::python::require_python_modules("psycopg, pytest, asyncpg");
+    let env = transaction_env(5).await;
+    let dsn = env.app_dsn();
+    let output =
+        tokio::task::spawn_blocking(move || common::python::run_pytest("tests/python_tx", dsn))
+            .await
+            .expect("pytest task")
+            .unwrap_or_else(|e| panic!("cannot run python3 -m pytest: {e}"));
+    common::python::report_pytest("tests/python_tx", &output);
 }

@@ -2,6 +2,8 @@
 //! running in the test's own tokio runtime.
 #![allow(dead_code)]
 
+pub mod python;
+
 use pgswitch::config::Config;
 use pgswitch::demo::demo_config;
 use pgswitch::harness::{ClusterSpec, PgCluster};

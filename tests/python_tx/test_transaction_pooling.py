@@ -1,0 +1,96 @@
+"""psycopg 3 and asyncpg through pgswitch in transaction mode: 50 clients over 5 server
+connections, prepared-statement-heavy, checking results and that no "prepared statement does
+not exist" / "already exists" error ever shows up."""
+
+import asyncio
+import os
+import threading
+import uuid
+
+import asyncpg
+import psycopg
+
+DSN = os.environ["PGSWITCH_DSN"]
+CLIENTS = 50
+ROUNDS = 30
+
+
+def _url(dsn: str) -> str:
+    parts = dict(p.split("=", 1) for p in dsn.split())
+    return "postgresql://{user}:{password}@{host}:{port}/{dbname}".format(**parts)
+
+
+def test_psycopg_prepared_statements_across_shared_servers():
+    table = f"psy_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(DSN, autocommit=True) as setup:
+        setup.execute(f"CREATE TABLE {table} (client int, n int, v text)")
+    errors = []
+
+    def client(c: int) -> None:
+        try:
+            with psycopg.connect(DSN, autocommit=True, prepare_threshold=0) as conn:
+                for n in range(ROUNDS):
+                    conn.execute(
+                        f"INSERT INTO {table} VALUES (%s, %s, %s)", (c, n, f"v{c}-{n}")
+                    )
+                    row = conn.execute(
+                        f"SELECT v FROM {table} WHERE client = %s AND n = %s", (c, n)
+                    ).fetchone()
+                    assert row == (f"v{c}-{n}",), row
+                with conn.transaction():
+                    conn.execute(f"UPDATE {table} SET v = v || '!' WHERE client = %s", (c,))
+                    got = conn.execute(
+                        f"SELECT count(*) FROM {table} WHERE client = %s AND v LIKE '%%!'", (c,)
+                    ).fetchone()
+                    assert got == (ROUNDS,), got
+        except Exception as e:  # collected and reported below
+            errors.append(f"client {c}: {type(e).__name__}: {e}")
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(CLIENTS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, "\n".join(errors[:10])
+    with psycopg.connect(DSN, autocommit=True) as check:
+        assert check.execute(f"SELECT count(*) FROM {table}").fetchone() == (CLIENTS * ROUNDS,)
+        check.execute(f"DROP TABLE {table}")
+
+
+def test_asyncpg_prepared_statements_across_shared_servers():
+    table = f"apg_{uuid.uuid4().hex[:8]}"
+    url = _url(DSN)
+
+    async def main() -> None:
+        setup = await asyncpg.connect(url)
+        await setup.execute(f"CREATE TABLE {table} (client int, n int, v text)")
+
+        async def client(c: int) -> None:
+            # asyncpg prepares every query as a named statement and caches it per connection.
+            conn = await asyncpg.connect(url)
+            try:
+                insert = await conn.prepare(f"INSERT INTO {table} VALUES ($1, $2, $3)")
+                select = await conn.prepare(f"SELECT v FROM {table} WHERE client = $1 AND n = $2")
+                for n in range(ROUNDS):
+                    await insert.fetch(c, n, f"v{c}-{n}")
+                    assert await select.fetchval(c, n) == f"v{c}-{n}"
+                    assert await conn.fetchval("SELECT $1::int + 1", n) == n + 1
+                async with conn.transaction():
+                    await conn.execute(f"UPDATE {table} SET v = v || '!' WHERE client = $1", c)
+                    assert (
+                        await conn.fetchval(
+                            f"SELECT count(*) FROM {table} WHERE client = $1 AND v LIKE '%!'", c
+                        )
+                        == ROUNDS
+                    )
+            finally:
+                await conn.close()
+
+        results = await asyncio.gather(*(client(c) for c in range(CLIENTS)), return_exceptions=True)
+        errors = [f"client {c}: {r!r}" for c, r in enumerate(results) if isinstance(r, BaseException)]
+        assert not errors, "\n".join(errors[:10])
+        assert await setup.fetchval(f"SELECT count(*) FROM {table}") == CLIENTS * ROUNDS
+        await setup.execute(f"DROP TABLE {table}")
+        await setup.close()
+
+    asyncio.run(asyncio.wait_for(main(), 180))
