@@ -363,7 +363,8 @@ impl Config {
 
     /// Parses and validates config text.
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse(one_line(&e)))?;
+        let config: Config =
+            toml::from_str(text).map_err(|e| ConfigError::Parse(one_line(text, &e)))?;
         config.validate()?;
         Ok(config)
     }
@@ -603,13 +604,32 @@ fn parse_addr(key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
     })
 }
 
-/// toml's errors span several lines with a source excerpt; keep the first meaningful line and
-/// the key/position information.
-fn one_line(e: &toml::de::Error) -> String {
+/// toml's errors span several lines with a source excerpt; make one line that names the key
+/// (with its table, e.g. `failover.hold_ms`) and the line number.
+fn one_line(text: &str, e: &toml::de::Error) -> String {
     let message = e.message().trim().replace('\n', " ");
-    match e.span() {
-        Some(span) => format!("invalid config (at byte {}): {message}", span.start),
-        None => format!("invalid config: {message}"),
+    let Some(span) = e.span() else {
+        return format!("invalid config: {message}");
+    };
+    let before = &text[..span.start.min(text.len())];
+    let line_no = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let line = text[line_start..].lines().next().unwrap_or("");
+    let key = line
+        .split_once('=')
+        .map(|(k, _)| k.trim().trim_matches('"').to_string())
+        .filter(|k| !k.is_empty() && !k.starts_with('['));
+    // The table the line belongs to: the last `[table]` / `[[table]]` header above it.
+    let table = before[..line_start]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('['))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_string());
+    match (table, key) {
+        (Some(t), Some(k)) => format!("{t}.{k}: {message} (line {line_no})"),
+        (None, Some(k)) => format!("{k}: {message} (line {line_no})"),
+        _ => format!("invalid config (line {line_no}): {message}"),
     }
 }
 
@@ -648,6 +668,14 @@ port = 5432
     fn unknown_key_is_named() {
         let e = err(&format!("bogus_key = 1\n{MINIMAL}"));
         assert!(e.contains("bogus_key"), "{e}");
+    }
+
+    #[test]
+    fn bad_enum_value_names_its_key() {
+        let e = err(&format!("pool_mode = \"statement\"\n{MINIMAL}"));
+        assert!(e.starts_with("pool_mode:"), "{e}");
+        let e = err(&format!("{MINIMAL}\n[failover]\nhold_ms = \"soon\"\n"));
+        assert!(e.starts_with("failover.hold_ms:"), "{e}");
     }
 
     #[test]
