@@ -42,6 +42,8 @@ pub struct ServerLogin {
     pub tls: ServerTlsMode,
     pub connect_timeout: Duration,
     pub fences: Arc<Fences>,
+    /// How long a connection lives before it is replaced (jittered per connection).
+    pub lifetime: Duration,
 }
 
 /// Every open server socket by node address, so a failover can cut all connections to the old
@@ -167,6 +169,8 @@ pub struct ServerConn {
     pub statements: ServerStatements,
     pub created: Instant,
     pub last_used: Instant,
+    /// When this connection is to be replaced (`server_lifetime_ms` ± 10 %).
+    pub expires: Instant,
     /// Topology epoch the connection was opened in; a connection from an older epoch is closed.
     pub epoch: u64,
 }
@@ -228,6 +232,7 @@ impl ServerConn {
             statements: ServerStatements::default(),
             created: Instant::now(),
             last_used: Instant::now(),
+            expires: Instant::now() + login.lifetime.mul_f64(0.9 + 0.2 * rand::random::<f64>()),
             epoch,
         };
         conn.login(login).await?;

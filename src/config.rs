@@ -88,6 +88,17 @@ pub struct Config {
     /// Query run on a server connection before it goes back to the pool (session mode).
     #[serde(default = "defaults::server_reset_query")]
     pub server_reset_query: String,
+    /// Server connections each pool keeps open even when idle (once the pool exists).
+    #[serde(default)]
+    pub min_pool_size: usize,
+    /// A server connection is closed after this long (±10 % jitter, so they do not all
+    /// reconnect at once), when it is next returned to its pool.
+    #[serde(default = "defaults::server_lifetime_ms")]
+    pub server_lifetime_ms: u64,
+    /// New server connections each pool may open per second, so a burst of clients never
+    /// becomes a connection storm on PostgreSQL; 0 = no limit.
+    #[serde(default = "defaults::server_connect_rate")]
+    pub server_connect_rate: u32,
     /// Threads that run the proxy; 0 = one per CPU core.
     #[serde(default)]
     pub workers: usize,
@@ -301,6 +312,12 @@ mod defaults {
     pub fn server_tls() -> ServerTlsMode {
         ServerTlsMode::Disable
     }
+    pub fn server_lifetime_ms() -> u64 {
+        3_600_000
+    }
+    pub fn server_connect_rate() -> u32 {
+        100
+    }
     pub fn prepared_statement_cache_size() -> usize {
         256
     }
@@ -382,6 +399,18 @@ impl Config {
             .auth_type
             .parse::<AuthMethod>()
             .map_err(|e| invalid("auth_type", e.to_string()))?;
+        if self.min_pool_size > self.default_pool_size {
+            return Err(invalid(
+                "min_pool_size",
+                format!(
+                    "must not exceed default_pool_size ({})",
+                    self.default_pool_size
+                ),
+            ));
+        }
+        if self.server_lifetime_ms == 0 {
+            return Err(invalid("server_lifetime_ms", "must be greater than 0"));
+        }
         if self.prepared_statement_cache_size == 0 {
             return Err(invalid(
                 "prepared_statement_cache_size",

@@ -62,6 +62,10 @@ pub struct Pool {
     /// Prepared statements PostgreSQL accepted on this pool's servers.
     pub known_statements: Arc<KnownStatements>,
     pub metrics: PoolMetrics,
+    min_size: usize,
+    /// New connections per second (0 = unlimited), and when the next may start.
+    connect_rate: u32,
+    next_connect: Mutex<Instant>,
 }
 
 /// A server connection checked out of a pool. Dropping it without `release` closes the
@@ -88,6 +92,11 @@ impl PooledServer {
     pub fn release(self) {
         let PooledServer { mut conn, lease } = self;
         conn.last_used = Instant::now();
+        if conn.expires <= conn.last_used {
+            debug!(server = conn.id, node = %conn.target.node, "server connection reached server_lifetime_ms; closing it");
+            tokio::spawn(conn.close());
+            return;
+        }
         lease.pool.lock_idle().push(conn);
     }
 
@@ -112,8 +121,17 @@ pub struct PoolStatus {
 }
 
 impl Pool {
-    pub fn new(key: PoolKey, login: ServerLogin, size: usize) -> Pool {
+    pub fn new(
+        key: PoolKey,
+        login: ServerLogin,
+        size: usize,
+        min_size: usize,
+        connect_rate: u32,
+    ) -> Pool {
         Pool {
+            min_size: min_size.min(size),
+            connect_rate,
+            next_connect: Mutex::new(Instant::now()),
             metrics: PoolMetrics::new(&key.to_string()),
             key,
             login: Mutex::new(login),
@@ -217,6 +235,7 @@ impl Pool {
                 tokio::spawn(conn.close());
             }
             let login = self.lock_login().clone();
+            self.pace_connect().await;
             match ServerConn::connect(&target, &login, epoch).await {
                 Ok(conn) => {
                     debug!(server = conn.id, node = %target.node, pool = %self.key, "server connection opened");
@@ -253,20 +272,73 @@ impl Pool {
         }
     }
 
-    /// Closes idle connections unused for longer than `idle_timeout`.
+    /// Waits for this pool's next connection slot under `server_connect_rate`.
+    async fn pace_connect(&self) {
+        if self.connect_rate == 0 {
+            return;
+        }
+        let slot = {
+            let mut next = self.next_connect.lock().unwrap_or_else(|p| p.into_inner());
+            let slot = (*next).max(Instant::now());
+            *next = slot + Duration::from_secs(1) / self.connect_rate;
+            slot
+        };
+        tokio::time::sleep_until(slot.into()).await;
+    }
+
+    /// Closes idle connections unused for longer than `idle_timeout` or past their lifetime,
+    /// keeping `min_pool_size` connections open.
     pub fn close_idle(&self, idle_timeout: Duration) {
         let now = Instant::now();
+        let active = self.counters.active.load(Ordering::Relaxed);
         let expired: Vec<ServerConn> = {
             let mut idle = self.lock_idle();
-            let (keep, expired): (Vec<_>, Vec<_>) = idle
-                .drain(..)
-                .partition(|c| now.duration_since(c.last_used) < idle_timeout);
+            let mut keep_at_least = self.min_size.saturating_sub(active);
+            // Most recently used last: keep those.
+            idle.sort_by_key(|c| std::cmp::Reverse(c.last_used));
+            let (keep, expired): (Vec<_>, Vec<_>) = idle.drain(..).partition(|c| {
+                let fresh = now.duration_since(c.last_used) < idle_timeout && c.expires > now;
+                if fresh || (keep_at_least > 0 && c.expires > now) {
+                    keep_at_least = keep_at_least.saturating_sub(1);
+                    true
+                } else {
+                    false
+                }
+            });
+            let mut keep = keep;
+            keep.reverse();
             *idle = keep;
             expired
         };
         for conn in expired {
             debug!(server = conn.id, node = %conn.target.node, "closing idle server connection");
             tokio::spawn(conn.close());
+        }
+    }
+
+    /// Opens server connections until the pool holds `min_pool_size` of them.
+    async fn fill_min(&self, cluster: &ClusterView) {
+        let Some(target) = cluster.current().primary_target() else {
+            return;
+        };
+        let epoch = cluster.current().epoch;
+        loop {
+            let have = self.counters.active.load(Ordering::Relaxed) + self.lock_idle().len();
+            if have >= self.min_size {
+                return;
+            }
+            let login = self.lock_login().clone();
+            self.pace_connect().await;
+            match ServerConn::connect(&target, &login, epoch).await {
+                Ok(conn) => {
+                    metrics::server_connection_opened(&target.node);
+                    self.lock_idle().push(conn);
+                }
+                Err(e) => {
+                    debug!(pool = %self.key, error = %e, "cannot open a min_pool_size connection");
+                    return;
+                }
+            }
         }
     }
 
@@ -304,13 +376,15 @@ impl Pools {
         all
     }
 
-    /// Background task: closes idle server connections past `idle_timeout`.
-    pub async fn run_idle_reaper(self: Arc<Self>, idle_timeout: Duration) {
-        let tick = (idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(10));
+    /// Background task: closes idle server connections past `idle_timeout` or their lifetime,
+    /// and opens connections up to each pool's `min_pool_size`.
+    pub async fn run_idle_reaper(self: Arc<Self>, idle_timeout: Duration, cluster: ClusterView) {
+        let tick = (idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(1));
         loop {
             tokio::time::sleep(tick).await;
             for pool in self.all() {
                 pool.close_idle(idle_timeout);
+                pool.fill_min(&cluster).await;
             }
         }
     }

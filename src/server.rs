@@ -62,7 +62,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         proxy
             .pools
             .clone()
-            .run_idle_reaper(config.server_idle_timeout()),
+            .run_idle_reaper(config.server_idle_timeout(), cluster.clone()),
     ));
     let addr = config.listen_addr()?;
     let listener = TcpListener::bind(addr)

@@ -357,8 +357,11 @@ fn pool_for(proxy: &Proxy, user: &str, database: &str) -> Arc<Pool> {
                     tls: config.server_tls,
                     connect_timeout: config.server_connect_timeout(),
                     fences: proxy.fences.clone(),
+                    lifetime: Duration::from_millis(config.server_lifetime_ms),
                 },
                 config.pool_size_for(user),
+                config.min_pool_size,
+                config.server_connect_rate,
             )
         },
     )

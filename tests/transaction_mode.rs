@@ -242,3 +242,115 @@ async fn psycopg_and_asyncpg_run_prepared_statements_with_50_clients_over_5_serv
             .unwrap_or_else(|e| panic!("cannot run python3 -m pytest: {e}"));
     common::python::report_pytest("tests/python_tx", &output);
 }
+
+/// Backend pids of pgswitch's server connections on the primary, with their start times.
+fn app_backends(env: &TestEnv) -> Vec<(i64, f64)> {
+    env.cluster.nodes[0]
+        .psql(
+            "SELECT pid, extract(epoch FROM backend_start) FROM pg_stat_activity \
+             WHERE usename = 'app' AND backend_type = 'client backend' ORDER BY backend_start",
+        )
+        .expect("pg_stat_activity")
+        .lines()
+        .filter_map(|l| {
+            let (pid, start) = l.split_once('|')?;
+            Some((pid.parse().ok()?, start.parse().ok()?))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_connections_keep_a_minimum_expire_with_their_lifetime_and_open_at_a_bounded_rate() {
+    let env = TestEnv::start(
+        ClusterSpec {
+            standbys: 0,
+            ..ClusterSpec::default()
+        },
+        |c| {
+            c.pool_mode = PoolMode::Transaction;
+            c.default_pool_size = 10;
+            c.min_pool_size = 3;
+            c.server_lifetime_ms = 2_000;
+            c.server_connect_rate = 5;
+            c.server_idle_timeout_ms = 60_000;
+        },
+    )
+    .await;
+    let client = env.connect().await;
+    client.simple_query("SELECT 1").await.expect("query");
+    // min_pool_size: the pool fills up to 3 connections on its own.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while app_backends(&env).len() < 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the pool never reached min_pool_size"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let first: Vec<i64> = app_backends(&env).iter().map(|b| b.0).collect();
+    // server_lifetime_ms: after a few lifetimes none of the first connections is left, while
+    // the minimum stays.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        client.simple_query("SELECT 1").await.expect("query");
+        let now = app_backends(&env);
+        if now.iter().all(|b| !first.contains(&b.0)) && now.len() >= 3 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "connections outlived server_lifetime_ms: first {first:?}, now {now:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    // server_connect_rate = 5/s: ten clients needing ten connections at once never get more
+    // than about five new server connections in any one second.
+    let burst = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs_f64();
+    let mut tasks = Vec::new();
+    for _ in 0..10 {
+        let dsn = env.app_dsn();
+        tasks.push(tokio::spawn(async move {
+            let (c, conn) = tokio_postgres::connect(&dsn, tokio_postgres::NoTls)
+                .await
+                .expect("connect");
+            tokio::spawn(conn);
+            c.simple_query("SELECT pg_sleep(1)").await.expect("sleep");
+        }));
+    }
+    let mut seen = std::collections::BTreeMap::new();
+    while !tasks.iter().all(|t| t.is_finished()) {
+        for (pid, start) in app_backends(&env) {
+            seen.insert(pid, start);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    for t in tasks {
+        t.await.expect("client task");
+    }
+    let mut starts: Vec<f64> = seen
+        .values()
+        .copied()
+        .filter(|s| *s >= burst - 0.05)
+        .collect();
+    starts.sort_by(|a, b| a.total_cmp(b));
+    let busiest = starts
+        .iter()
+        .map(|&s| starts.iter().filter(|&&t| t >= s && t < s + 1.0).count())
+        .max()
+        .unwrap_or(0);
+    println!(
+        "{} server connections opened after the burst; at most {busiest} in one second",
+        starts.len()
+    );
+    assert!(
+        starts.len() >= 5,
+        "the burst opened too few connections: {starts:?}"
+    );
+    assert!(
+        busiest <= 6,
+        "connections opened faster than server_connect_rate: {starts:?}"
+    );
+}
