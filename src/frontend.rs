@@ -168,6 +168,7 @@ impl Proxy {
             old.max_client_connections.to_string(),
             new.max_client_connections.to_string(),
         );
+        differs("workers", old.workers.to_string(), new.workers.to_string());
         differs(
             "nodes",
             format!("{:?}", old.nodes),
