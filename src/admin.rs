@@ -208,8 +208,20 @@ pub fn readiness(proxy: &Proxy, topology: &Topology) -> Result<(), String> {
     if proxy.is_paused() {
         return Err("paused by the admin API (POST /resume to resume)".into());
     }
+    if topology.holding {
+        return Err(format!(
+            "holding new transactions: {}",
+            topology.reason.as_deref().unwrap_or("failover in progress")
+        ));
+    }
     if topology.primary.is_none() {
-        return Err("no primary: no node is serving writes".into());
+        return Err(format!(
+            "no primary: {}",
+            topology
+                .reason
+                .as_deref()
+                .unwrap_or("no node is serving writes")
+        ));
     }
     Ok(())
 }
@@ -247,6 +259,10 @@ pub struct StatusReport<'a> {
     pub primary: Option<&'a str>,
     pub ready: bool,
     pub ready_reason: Option<String>,
+    /// Why there is no primary, or why the last failover did not happen (or was not needed).
+    pub reason: Option<&'a str>,
+    /// A failover or switchover is running: new transactions wait.
+    pub holding: bool,
     pub paused: bool,
     pub pool_mode: PoolMode,
     pub clients: usize,
@@ -284,6 +300,8 @@ fn status_report(proxy: &Proxy) -> serde_json::Value {
         primary: primary_name(&topology),
         ready: ready.is_ok(),
         ready_reason: ready.err(),
+        reason: topology.reason.as_deref(),
+        holding: topology.holding,
         paused: proxy.is_paused(),
         pool_mode: proxy.config().pool_mode,
         clients: proxy.client_count(),

@@ -140,6 +140,11 @@ pub enum ServerError {
 }
 
 impl ServerError {
+    /// PostgreSQL refused because it is shutting down or not yet up (SQLSTATE 57P0x).
+    pub fn is_shutdown(&self) -> bool {
+        matches!(self, ServerError::Postgres { code, .. } if code.starts_with("57P"))
+    }
+
     /// The SQLSTATE a client sees for this failure.
     pub fn sqlstate(&self) -> &str {
         match self {

@@ -208,13 +208,26 @@ impl Controller {
     }
 
     async fn diagnose_all(&mut self) {
+        self.diagnose_except(None).await;
+    }
+
+    /// Diagnoses every node but `skip` (a failed primary need not hold up an election).
+    async fn diagnose_except(&mut self, skip: Option<usize>) {
         let timeout = Duration::from_millis(self.config.diagnosis.timeout_ms);
         let config = self.config.clone();
         let results = futures_util::future::join_all(
-            self.conns.iter_mut().map(|c| c.diagnose(&config, timeout)),
+            self.conns
+                .iter_mut()
+                .enumerate()
+                .filter(|(i, _)| Some(*i) != skip)
+                .map(|(i, c)| {
+                    let config = &config;
+                    async move { (i, c.diagnose(config, timeout).await) }
+                }),
         )
         .await;
-        for (node, result) in self.topology.nodes.iter_mut().zip(results) {
+        for (i, result) in results {
+            let node = &mut self.topology.nodes[i];
             node.quarantined = self.state.quarantined.contains(&node.name);
             match result {
                 Ok(d) => {
@@ -330,6 +343,11 @@ impl Controller {
         self.state = next;
         self.topology.epoch = self.state.epoch;
         self.topology.primary = Some(first);
+        // The baseline a failover measures lag and synchronous guarantees against.
+        let node = &self.topology.nodes[first];
+        self.last_primary_lsn = node.lsn_value();
+        self.last_primary_timeline = node.timeline;
+        self.last_sync_names = node.synchronous_standby_names.clone();
         info!(node = %name, epoch = self.state.epoch, "primary found");
         self.set_reason(None);
     }
@@ -457,11 +475,19 @@ impl Controller {
             }
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
-        self.diagnose_all().await;
+        self.diagnose_except(Some(old)).await;
         metrics::failover_phase(FailoverPhase::Elect, started.elapsed().as_secs_f64());
 
         let old_timeline = self.last_primary_timeline;
         let max_lag = self.config.failover.max_lag_bytes;
+        // Lag is measured against the old primary's last LSN; if pgswitch never saw it healthy,
+        // against the most advanced standby.
+        let reference = self.last_primary_lsn.or_else(|| {
+            standbys
+                .iter()
+                .filter_map(|&i| self.topology.nodes[i].lsn_value())
+                .max()
+        });
         let mut candidates = Vec::new();
         let mut rejected = Vec::new();
         for &i in &standbys {
@@ -477,7 +503,7 @@ impl Controller {
                 }
             }
             let lsn = n.lsn_value().or(n.replay_lsn_value()).unwrap_or(0);
-            let lag = self.last_primary_lsn.map_or(0, |p| p.saturating_sub(lsn));
+            let lag = reference.map_or(0, |p| p.saturating_sub(lsn));
             if lag > max_lag {
                 rejected.push(format!(
                     "{} is {lag} bytes behind (max_lag_bytes = {max_lag})",
@@ -513,6 +539,12 @@ impl Controller {
                 .filter(|(i, _)| *i != old)
                 .map(|(_, n)| n.name.clone())
                 .collect();
+            if self.last_sync_names.is_none() {
+                return Err((
+                    FailoverResult::Refused,
+                    "require_sync: the old primary's synchronous_standby_names is unknown (pgswitch never saw it healthy)".into(),
+                ));
+            }
             if let Err(why) = sync_guarantee(self.last_sync_names.as_deref(), &reached, &all) {
                 return Err((FailoverResult::Refused, format!("require_sync: {why}")));
             }

@@ -268,7 +268,11 @@ async fn handle_client(proxy: Arc<Proxy>, tcp: TcpStream, addr: SocketAddr, id: 
     let _ = tcp.set_nodelay(true);
     let slot = proxy.client_slots.clone().try_acquire_owned().ok();
     let login_timeout = proxy.config().client_login_timeout();
-    let outcome = tokio::time::timeout(login_timeout, Box::pin(login(&proxy, tcp, slot))).await;
+    let outcome = Box::pin(tokio::time::timeout(
+        login_timeout,
+        login(&proxy, tcp, slot),
+    ))
+    .await;
     let logged_in = match outcome {
         Err(_) => {
             debug!("login timed out after {login_timeout:?}");
@@ -280,20 +284,27 @@ async fn handle_client(proxy: Arc<Proxy>, tcp: TcpStream, addr: SocketAddr, id: 
     };
     info!(user = %logged_in.user, database = %logged_in.database, tls = logged_in.stream.is_tls(), "client logged in");
     metrics::client_connected();
-    // Boxed: an idle client's task holds only the session's own state.
-    Box::pin(ClientSession::run(proxy, logged_in, id, addr)).await;
+    // Boxed, and in a statement of its own, so that this task holds only a pointer to it.
+    let session = Box::pin(ClientSession::run(proxy, logged_in, id, addr));
+    session.await;
     metrics::client_disconnected();
 }
 
-/// Sends a FATAL error and closes, best effort.
-pub async fn refuse(stream: &mut Stream, error: &ClientError) {
-    let mut buf = BytesMut::new();
-    error.encode(&mut buf);
-    let _ = tokio::time::timeout(Duration::from_secs(2), async {
-        let _ = stream.write_all(&buf).await;
-        let _ = stream.shutdown().await;
+/// Sends a FATAL error and closes, best effort. Boxed: a rare path that should not make every
+/// session's state larger.
+pub fn refuse<'a>(
+    stream: &'a mut Stream,
+    error: &'a ClientError,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>> {
+    Box::pin(async move {
+        let mut buf = BytesMut::new();
+        error.encode(&mut buf);
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            let _ = stream.write_all(&buf).await;
+            let _ = stream.shutdown().await;
+        })
+        .await;
     })
-    .await;
 }
 
 /// Reads startup packets until a StartupMessage, handling SSL/GSS requests and cancels.

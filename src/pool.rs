@@ -243,7 +243,9 @@ impl Pool {
                     self.metrics.pool_wait(started.elapsed().as_secs_f64());
                     return Ok(PooledServer { conn, lease });
                 }
-                Err(e @ ServerError::Postgres { .. }) => {
+                // A server shutting down or starting up (57P0x) is a failing primary, not the
+                // client's error: hold the client like for a refused connection.
+                Err(e @ ServerError::Postgres { .. }) if !e.is_shutdown() => {
                     metrics::pool_acquire_failed(
                         &self.key.to_string(),
                         AcquireFailure::ServerError,

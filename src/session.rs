@@ -69,9 +69,11 @@ impl ClientSession {
         } = login;
         let mode = proxy.config().pool_mode;
         let pool = pool_for(&proxy, &user, &database);
+        let first = Box::pin(attach(&proxy, &pool, &params));
+        let gone = Box::pin(read_until_closed(&mut stream, &mut leftover));
         let attached = tokio::select! {
-            r = Box::pin(attach(&proxy, &pool, &params)) => r,
-            _ = read_until_closed(&mut stream, &mut leftover) => {
+            r = first => r,
+            _ = gone => {
                 debug!("client left while waiting for its first server");
                 return;
             }
@@ -131,13 +133,16 @@ impl ClientSession {
             match end {
                 RelayEvent::NeedServer => {
                     let wait = proxy.config().hold();
-                    if !proxy.wait_unpaused(wait).await {
+                    let unpaused = Box::pin(proxy.wait_unpaused(wait));
+                    if !unpaused.await {
                         relay.fail_in_flight(ClientError::no_server_while_paused());
                         continue;
                     }
+                    let next = Box::pin(attach(&proxy, &pool, &relay.wanted));
+                    let gone = Box::pin(read_until_closed(&mut stream, &mut relay.client_in));
                     let attached = tokio::select! {
-                        r = Box::pin(attach(&proxy, &pool, &relay.wanted)) => Some(r),
-                        _ = read_until_closed(&mut stream, &mut relay.client_in) => None,
+                        r = next => Some(r),
+                        _ = gone => None,
                     };
                     let Some(attached) = attached else {
                         debug!("client left while waiting for a server");
@@ -168,7 +173,8 @@ impl ClientSession {
                         debug!(error = %e, "client connection lost");
                     }
                     if let Some(s) = server.take() {
-                        Box::pin(return_server(&proxy, s, &relay)).await;
+                        let returned = Box::pin(return_server(&proxy, s, &relay));
+                        returned.await;
                     }
                     break;
                 }
@@ -220,7 +226,8 @@ impl ClientSession {
                         (PoolMode::Session, true) if idle_before => {
                             // Not in a transaction: move the session to the new primary with
                             // its parameters and prepared statements.
-                            match Box::pin(reattach(&proxy, &pool, &relay)).await {
+                            let moved = Box::pin(reattach(&proxy, &pool, &relay));
+                            match moved.await {
                                 Ok(s) => {
                                     info!(server = s.conn.id, node = %s.conn.target.node, "idle session moved to the new primary");
                                     cancel.slot.set(Some(cancel_target(&s.conn)));

@@ -261,6 +261,8 @@ pub struct Status {
     pub primary: Option<String>,
     pub ready: bool,
     pub ready_reason: Option<String>,
+    /// Why there is no primary, or why a failover did not happen.
+    pub reason: Option<String>,
     pub paused: bool,
     pub pool_mode: String,
     pub clients: u64,
@@ -358,6 +360,9 @@ pub fn render_table(s: &Status) -> String {
         "pool_mode {}  clients {}/{}  pgswitch {}",
         s.pool_mode, s.clients, s.max_client_connections, s.version
     );
+    if let Some(reason) = &s.reason {
+        let _ = writeln!(out, "reason: {reason}");
+    }
     out.push('\n');
     let nodes: Vec<Vec<String>> = s
         .nodes

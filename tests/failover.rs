@@ -322,7 +322,6 @@ struct WorkLog {
 /// N writers through pgswitch, each on its own connection, inserting a fresh id every ~10 ms
 /// (autocommit) with a statement prepared once per connection.
 struct Workload {
-    writers: usize,
     stop: Arc<AtomicBool>,
     log: Arc<Mutex<WorkLog>>,
     tasks: Vec<JoinHandle<()>>,
@@ -336,12 +335,7 @@ impl Workload {
         let tasks = (0..writers)
             .map(|w| tokio::spawn(writer(w, port, stop.clone(), log.clone(), next.clone())))
             .collect();
-        Workload {
-            writers,
-            stop,
-            log,
-            tasks,
-        }
+        Workload { stop, log, tasks }
     }
 
     fn acks_sent_after(&self, t: Instant) -> usize {
@@ -781,7 +775,26 @@ async fn create_table(env: &TestEnv) {
     .expect("CREATE TABLE t through pgswitch");
 }
 
+/// Waits for `n` more diagnosis cycles of pgswitch (each cycle publishes the topology).
+async fn wait_cycles(env: &TestEnv, n: usize) {
+    let mut rx = env.proxy.cluster.topology.clone();
+    rx.borrow_and_update();
+    for _ in 0..n {
+        bounded("a diagnosis cycle", Duration::from_secs(30), rx.changed())
+            .await
+            .expect("the controller runs");
+    }
+}
+
+/// Every node diagnosed, n0 the primary, and two more diagnosis cycles, so pgswitch has a
+/// healthy diagnosis of the primary on record (its LSN, synchronous_standby_names) besides the
+/// one that found it (see the test about a primary dying right after pgswitch starts).
 async fn wait_all_healthy(env: &TestEnv) {
+    wait_all_healthy_now(env).await;
+    wait_cycles(env, 2).await;
+}
+
+async fn wait_all_healthy_now(env: &TestEnv) {
     wait_for(
         "every node diagnosed healthy",
         Duration::from_secs(60),
@@ -815,11 +828,25 @@ async fn watch_rejoin(
     let node = env.cluster.nodes[old].clone();
     let mut seen: Vec<String> = Vec::new();
     let mut last = String::new();
+    // Consecutive observations of the old primary accepting writes although pgswitch has
+    // diagnosed it (and so should have fenced it in that same cycle).
+    let mut writable_known = 0;
     let deadline = Instant::now() + limit;
     loop {
         let state = node_state(&node).await;
         let t = env.proxy.cluster.current();
         let ns = &t.nodes[old];
+        if state == "primary, WRITABLE" && ns.healthy {
+            writable_known += 1;
+            assert!(
+                writable_known <= 10,
+                "{} accepts writes although pgswitch diagnosed it as a returned old primary: not fenced; states seen:\n  {}",
+                node.name,
+                seen.join("\n  ")
+            );
+        } else {
+            writable_known = 0;
+        }
         let proxy_view = format!(
             "pgswitch: {} {}{}",
             ns.role,
@@ -866,15 +893,16 @@ async fn failover_scenario(label: &str, fault: Fault, sync: SyncMode, require_sy
     .await;
     let env = &env;
     assert!(
-        !env.proxy.proxy.config.failover.rejoin_command.is_empty(),
+        std::path::Path::new("scripts/rejoin-local.sh").is_file(),
         "the tests run from the repository root, where the demo config sets the rejoin hook"
     );
-    let diag = env.proxy.proxy.config.diagnosis.clone();
-    let max_lag = env.proxy.proxy.config.failover.max_lag_bytes;
+    // failover_config keeps pgswitch's default diagnosis and lag settings.
+    let diag = pgswitch::config::DiagnosisConfig::default();
+    let max_lag = pgswitch::config::FailoverConfig::default().max_lag_bytes;
     let port = env.port();
-    create_table(&env).await;
-    wait_all_healthy(&env).await;
-    let topo = TopologyLog::start(&env);
+    create_table(env).await;
+    wait_all_healthy(env).await;
+    let topo = TopologyLog::start(env);
     let epoch0 = env.proxy.cluster.current().epoch;
 
     let idle = IdleClients::connect(port, IDLE_CLIENTS).await;
@@ -972,7 +1000,7 @@ async fn failover_scenario(label: &str, fault: Fault, sync: SyncMode, require_sy
             blocking("restart n0", move || n0.start()).await;
         }
     }
-    let states = watch_rejoin(&env, 0, &new, Duration::from_secs(180), back).await;
+    let states = watch_rejoin(env, 0, &new, Duration::from_secs(180), back).await;
     let rejoined = back.elapsed();
 
     // A little more traffic with the old primary back as a standby, then the books.
@@ -1014,12 +1042,19 @@ async fn failover_scenario(label: &str, fault: Fault, sync: SyncMode, require_sy
         ms(repointed),
         ms(rejoined),
     );
+    if fault == Fault::Hang {
+        println!(
+            "[{label}] hung primary failed over {} after SIGSTOP (issue 4 target: timeout_ms x failures + 1 s = {})",
+            ms(published.saturating_duration_since(fault_started)),
+            ms(Duration::from_millis(diag.timeout_ms * u64::from(diag.failures) + 1000))
+        );
+    }
     println!(
         "[{label}] n0 after it came back:\n  {}",
         states.join("\n  ")
     );
     println!("[{label}] idle clients: {:?}", idle_problems);
-    print_failover_metrics(&env, label).await;
+    print_failover_metrics(env, label).await;
 
     // Never routed to the old primary once the new one was published.
     let routed_back: Vec<TopoEvent> = topo
@@ -1034,6 +1069,16 @@ async fn failover_scenario(label: &str, fault: Fault, sync: SyncMode, require_sy
     assert!(
         idle_problems.is_empty(),
         "idle transaction-mode clients saw errors: {idle_problems:?}"
+    );
+    let shutdown_errors: Vec<&WriteError> = s
+        .errors_existing
+        .iter()
+        .filter(|e| e.sqlstate == "57P03")
+        .collect();
+    assert!(
+        shutdown_errors.is_empty(),
+        "new transactions got the dying primary's 57P03 ('the database system is shutting down', \
+         a FATAL answer to a new server connection) instead of being held for the new primary: {shutdown_errors:?}"
     );
     match sync {
         SyncMode::Any(_) => assert!(
@@ -1254,9 +1299,9 @@ async fn a_broken_path_to_a_primary_that_still_streams_wal_does_not_fail_over() 
             "[relay] n0 listens on {}, pgswitch reaches it through the relay on {}",
             n0.port, relay.port
         );
-        create_table(&env).await;
-        wait_all_healthy(&env).await;
-        let topo = TopologyLog::start(&env);
+        create_table(env).await;
+        wait_all_healthy(env).await;
+        let topo = TopologyLog::start(env);
         let epoch0 = env.proxy.cluster.current().epoch;
         let idle = IdleClients::connect(env.port(), 2).await;
 
@@ -1342,7 +1387,7 @@ async fn a_broken_path_to_a_primary_that_still_streams_wal_does_not_fail_over() 
             checks += 1;
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
-        let st = status_json(&env).await;
+        let st = status_json(env).await;
         let status_reasons = reasons_in(&st);
         let direct_during = direct_acks.load(Ordering::Relaxed) - acks_at_cut;
         println!(
@@ -1463,6 +1508,57 @@ async fn assert_status_explains(env: &TestEnv, label: &str, expect: &str) {
     );
 }
 
+/// Detaches `standby` from `primary` (its WAL receiver stops) and writes ~4 MB on the primary,
+/// so the standby is far behind; returns the primary's LSN after the writes.
+async fn make_lag(primary: &PgNode, standby: &PgNode, label: &str) -> String {
+    sql_exec(standby, "ALTER SYSTEM SET primary_conninfo = ''")
+        .await
+        .expect("detach");
+    sql_exec(standby, "SELECT pg_reload_conf()")
+        .await
+        .expect("reload");
+    wait_for(
+        &format!("{} stops streaming", standby.name),
+        Duration::from_secs(30),
+        || async move {
+            match upstream_port(standby).await? {
+                None => Ok(()),
+                Some(p) => Err(format!("still streams from {p}")),
+            }
+        },
+    )
+    .await;
+    sql_exec(
+        primary,
+        "CREATE TABLE big AS SELECT g, repeat('x', 1000) AS pad FROM generate_series(1, 4000) g",
+    )
+    .await
+    .expect("write 4 MB on the primary");
+    let primary_lsn = sql_row(primary, "SELECT pg_current_wal_lsn()")
+        .await
+        .expect("primary lsn")[0]
+        .clone()
+        .unwrap_or_default();
+    let standby_lsn = sql_row(standby, "SELECT pg_last_wal_receive_lsn()")
+        .await
+        .expect("standby lsn")[0]
+        .clone()
+        .unwrap_or_default();
+    let lag = sql_row(
+        primary,
+        &format!("SELECT pg_wal_lsn_diff('{primary_lsn}', '{standby_lsn}')::bigint"),
+    )
+    .await
+    .expect("lag")[0]
+        .clone()
+        .unwrap_or_default();
+    println!(
+        "[{label}] {} at {primary_lsn}, {} received {standby_lsn}: {lag} bytes behind",
+        primary.name, standby.name
+    );
+    primary_lsn
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_standby_lagging_beyond_max_lag_bytes_is_never_promoted() {
     bounded("test", TEST_LIMIT, async {
@@ -1482,60 +1578,33 @@ async fn a_standby_lagging_beyond_max_lag_bytes_is_never_promoted() {
         let (n0, n1) = (env.cluster.nodes[0].clone(), env.cluster.nodes[1].clone());
         let n1 = &n1;
         wait_all_healthy(env).await;
-        // Detach n1: its WAL receiver stops, so it falls behind.
-        sql_exec(&n1, "ALTER SYSTEM SET primary_conninfo = ''").await.expect("detach");
-        sql_exec(&n1, "SELECT pg_reload_conf()").await.expect("reload");
-        wait_for("n1 stops streaming", Duration::from_secs(30), || async move {
-            match upstream_port(&n1).await? {
-                None => Ok(()),
-                Some(p) => Err(format!("still streams from {p}")),
-            }
-        })
-        .await;
-        sql_exec(
-            &n0,
-            "CREATE TABLE big AS SELECT g, repeat('x', 1000) AS pad FROM generate_series(1, 4000) g",
-        )
-        .await
-        .expect("write 4 MB on n0");
-        let primary_lsn = sql_row(&n0, "SELECT pg_current_wal_lsn()")
-            .await
-            .expect("n0 lsn")[0]
-            .clone()
-            .unwrap_or_default();
-        let standby_lsn = sql_row(&n1, "SELECT pg_last_wal_receive_lsn()")
-            .await
-            .expect("n1 lsn")[0]
-            .clone()
-            .unwrap_or_default();
-        let lag = sql_row(
-            &n0,
-            &format!("SELECT pg_wal_lsn_diff('{primary_lsn}', '{standby_lsn}')::bigint"),
-        )
-        .await
-        .expect("lag")[0]
-            .clone()
-            .unwrap_or_default();
-        println!("[lag] n0 at {primary_lsn}, n1 received {standby_lsn}: {lag} bytes behind (max_lag_bytes = 1024)");
+        let primary_lsn = make_lag(&n0, n1, "lag").await;
         // pgswitch must have seen the primary's new LSN before it dies.
         let want = pgswitch::cluster::parse_lsn(&primary_lsn).expect("lsn");
-        wait_for("pgswitch diagnoses n0's new LSN", Duration::from_secs(30), || async move {
-            let t = env.proxy.cluster.current();
-            match t.nodes[0].lsn_value() {
-                Some(l) if l >= want => Ok(()),
-                other => Err(format!("pgswitch saw {other:?}")),
-            }
-        })
+        wait_for(
+            "pgswitch diagnoses n0's new LSN",
+            Duration::from_secs(30),
+            || async move {
+                let t = env.proxy.cluster.current();
+                match t.nodes[0].lsn_value() {
+                    Some(l) if l >= want => Ok(()),
+                    other => Err(format!("pgswitch saw {other:?}")),
+                }
+            },
+        )
         .await;
 
         blocking("kill n0", move || n0.kill9()).await;
-        let reason = assert_no_promotion(&env, "lag", "max_lag_bytes", Duration::from_secs(6)).await;
-        assert!(reason.contains("n1"), "the reason names the standby: {reason}");
+        let reason = assert_no_promotion(env, "lag", "max_lag_bytes", Duration::from_secs(6)).await;
         assert!(
-            in_recovery(&n1).await.expect("n1 answers"),
+            reason.contains("n1"),
+            "the reason names the standby: {reason}"
+        );
+        assert!(
+            in_recovery(n1).await.expect("n1 answers"),
             "n1 must still be a standby"
         );
-        assert_status_explains(&env, "lag", "max_lag_bytes").await;
+        assert_status_explains(env, "lag", "max_lag_bytes").await;
         panic_watch::assert_no_proxy_panics();
     })
     .await
@@ -1584,9 +1653,81 @@ async fn require_sync_with_too_few_standbys_refuses_to_promote() {
         .await;
         blocking("kill n0", move || n0.kill9()).await;
         let reason =
-            assert_no_promotion(&env, "require_sync", "require_sync", Duration::from_secs(6)).await;
-        assert_status_explains(&env, "require_sync", "require_sync").await;
+            assert_no_promotion(env, "require_sync", "require_sync", Duration::from_secs(6)).await;
+        assert_status_explains(env, "require_sync", "require_sync").await;
         assert!(reason.contains("require_sync"), "{reason}");
+        panic_watch::assert_no_proxy_panics();
+    })
+    .await
+}
+
+/// pgswitch records the primary's LSN (and synchronous_standby_names) only from the second
+/// diagnosis cycle on: a primary that dies within `interval_ms` of a fresh start must still not
+/// be replaced by a standby beyond max_lag_bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_dying_right_after_pgswitch_starts_is_not_replaced_by_a_lagging_standby() {
+    bounded("test", TEST_LIMIT, async {
+        panic_watch::install();
+        // The first pgswitch only sets the scene: its failover is disabled.
+        let env = TestEnv::start(
+            ClusterSpec {
+                standbys: 1,
+                ..ClusterSpec::default()
+            },
+            |c| {
+                failover_config(c);
+                c.failover.enabled = false;
+            },
+        )
+        .await;
+        let env = &env;
+        let (n0, n1) = (env.cluster.nodes[0].clone(), env.cluster.nodes[1].clone());
+        wait_all_healthy(env).await;
+        make_lag(&n0, &n1, "fresh-start").await;
+
+        // A second pgswitch with a fresh state file; the primary dies right after it started.
+        let state_file = env.cluster.dir.join("second.state");
+        let config = common::config_for(&env.cluster, move |c| {
+            failover_config(c);
+            c.failover.max_lag_bytes = 1024;
+            c.coordination.state_file = state_file;
+        });
+        let second = pgswitch::server::start(config)
+            .await
+            .expect("second pgswitch starts");
+        let started = Instant::now();
+        {
+            let n0 = n0.clone();
+            blocking("kill n0", move || n0.kill9()).await;
+        }
+        println!(
+            "[fresh-start] n0 killed {} after the second pgswitch started",
+            ms(started.elapsed())
+        );
+        let until = Instant::now() + Duration::from_secs(10);
+        let mut promoted = None;
+        let mut last = None;
+        while Instant::now() < until {
+            let t = second.cluster.current();
+            last = Some((t.epoch, t.primary, t.reason.clone()));
+            if t.primary == Some(1) {
+                promoted = Some("pgswitch routes writes to n1");
+                break;
+            }
+            if in_recovery(&n1).await == Ok(false) {
+                promoted = Some("n1 left recovery (pg_promote ran)");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        println!("[fresh-start] second pgswitch: (epoch, primary, reason) = {last:?}");
+        second.shutdown().await;
+        assert!(
+            promoted.is_none(),
+            "n1, megabytes behind, was promoted (max_lag_bytes = 1024) by a pgswitch whose primary \
+             died before its second diagnosis cycle: {}; pgswitch's (epoch, primary, reason) then: {last:?}",
+            promoted.unwrap_or_default()
+        );
         panic_watch::assert_no_proxy_panics();
     })
     .await
@@ -1622,9 +1763,9 @@ async fn switchover_there_and_back_loses_nothing_and_drops_no_idle_client() {
         let env = TestEnv::start(ClusterSpec::default(), failover_config).await;
         let env = &env;
         let port = env.port();
-        create_table(&env).await;
-        wait_all_healthy(&env).await;
-        let topo = TopologyLog::start(&env);
+        create_table(env).await;
+        wait_all_healthy(env).await;
+        let topo = TopologyLog::start(env);
         let nodes = env.cluster.nodes.clone();
         let idle = IdleClients::connect(port, IDLE_CLIENTS).await;
         let work = Workload::start(port, WRITERS, 1);
@@ -1633,7 +1774,7 @@ async fn switchover_there_and_back_loses_nothing_and_drops_no_idle_client() {
             .await;
 
         // There: n0 -> n1.
-        let (took1, body1) = switchover_to(&env, "n1").await;
+        let (took1, body1) = switchover_to(env, "n1").await;
         println!("[switchover] to n1 in {}: {body1}", ms(took1));
         let t = env.proxy.cluster.current();
         assert_eq!(t.primary, Some(1), "n1 is the primary after the switchover");
@@ -1641,7 +1782,7 @@ async fn switchover_there_and_back_loses_nothing_and_drops_no_idle_client() {
         let s1 = Instant::now();
         work.wait_acks_after(s1, 50, Duration::from_secs(60), "writes on n1").await;
         let n2_follows = wait_streams_from(&nodes[2], &nodes[1], Duration::from_secs(60)).await;
-        let states0 = watch_rejoin(&env, 0, &nodes[1], Duration::from_secs(180), s1).await;
+        let states0 = watch_rejoin(env, 0, &nodes[1], Duration::from_secs(180), s1).await;
         println!(
             "[switchover] n2 follows n1 ({} after the check began); n0 rejoined {} after the switchover:\n  {}",
             ms(n2_follows),
@@ -1650,7 +1791,7 @@ async fn switchover_there_and_back_loses_nothing_and_drops_no_idle_client() {
         );
 
         // And back: n1 -> n0.
-        let (took2, body2) = switchover_to(&env, "n0").await;
+        let (took2, body2) = switchover_to(env, "n0").await;
         println!("[switchover] back to n0 in {}: {body2}", ms(took2));
         let t = env.proxy.cluster.current();
         assert_eq!(t.primary, Some(0), "n0 is the primary again");
@@ -1659,7 +1800,7 @@ async fn switchover_there_and_back_loses_nothing_and_drops_no_idle_client() {
         work.wait_acks_after(s2, 50, Duration::from_secs(60), "writes on n0 again")
             .await;
         wait_streams_from(&nodes[2], &nodes[0], Duration::from_secs(60)).await;
-        let states1 = watch_rejoin(&env, 1, &nodes[0], Duration::from_secs(180), s2).await;
+        let states1 = watch_rejoin(env, 1, &nodes[0], Duration::from_secs(180), s2).await;
         println!(
             "[switchover] n1 rejoined {} after the switchover back:\n  {}",
             ms(s2.elapsed()),
@@ -1683,7 +1824,7 @@ async fn switchover_there_and_back_loses_nothing_and_drops_no_idle_client() {
             "[switchover] longest gap between acknowledged writes: {}; idle clients: {idle_problems:?}",
             ms(stall)
         );
-        print_failover_metrics(&env, "switchover").await;
+        print_failover_metrics(env, "switchover").await;
         assert!(idle_problems.is_empty(), "idle clients saw errors: {idle_problems:?}");
         assert!(
             s.missing.is_empty(),
@@ -1721,8 +1862,8 @@ async fn an_old_primary_without_a_rejoin_hook_is_fenced_and_a_restarted_pgswitch
         };
         let env = TestEnv::start(ClusterSpec::default(), tweak).await;
         let env = &env;
-        create_table(&env).await;
-        wait_all_healthy(&env).await;
+        create_table(env).await;
+        wait_all_healthy(env).await;
         let n0 = env.cluster.nodes[0].clone();
         let epoch0 = env.proxy.cluster.current().epoch;
         {
@@ -1780,7 +1921,7 @@ async fn an_old_primary_without_a_rejoin_hook_is_fenced_and_a_restarted_pgswitch
             t.nodes[0].quarantined,
             "n0 must stay quarantined without a hook"
         );
-        let st = status_json(&env).await;
+        let st = status_json(env).await;
         let n0_status = st["nodes"]
             .as_array()
             .and_then(|a| a.iter().find(|n| n["name"] == "n0"))
@@ -1841,6 +1982,84 @@ async fn an_old_primary_without_a_rejoin_hook_is_fenced_and_a_restarted_pgswitch
         assert_eq!(state, "primary, read-only (fenced)");
         drop(c2);
         second.shutdown().await;
+        panic_watch::assert_no_proxy_panics();
+    })
+    .await
+}
+
+// ---------------------------------------------------------------------------------------------
+// Session mode: idle clients re-attached to the new primary
+// ---------------------------------------------------------------------------------------------
+
+/// Issue 4, "The switch": in session mode, clients not in a transaction are re-attached to the
+/// new primary with their startup parameters and prepared statements restored (only clients in
+/// a transaction get 08006 and are closed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_mode_idle_clients_are_reattached_to_the_new_primary() {
+    bounded("test", TEST_LIMIT, async {
+        panic_watch::install();
+        let env = TestEnv::start(ClusterSpec::default(), |c| {
+            failover_config(c);
+            c.pool_mode = PoolMode::Session;
+        })
+        .await;
+        let env = &env;
+        create_table(env).await;
+        wait_all_healthy(env).await;
+        let (client, connection) = tokio_postgres::connect(
+            &format!(
+                "host=127.0.0.1 port={} user={USER} password={PASSWORD} dbname=postgres application_name=idle-session",
+                env.port()
+            ),
+            NoTls,
+        )
+        .await
+        .expect("session-mode client connects");
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        let stmt = client.prepare("SELECT $1::int").await.expect("prepare");
+        client.query_one(&stmt, &[&1i32]).await.expect("run");
+
+        let n0 = env.cluster.nodes[0].clone();
+        blocking("kill n0", move || n0.kill9()).await;
+        let p = wait_for("failover", Duration::from_secs(60), || async move {
+            match env.proxy.cluster.current().primary {
+                Some(p) if p != 0 => Ok(p),
+                other => Err(format!("primary {other:?}")),
+            }
+        })
+        .await;
+        println!("[session] failed over to {}", env.cluster.nodes[p].name);
+        let mut problems = Vec::new();
+        if client.is_closed() {
+            problems.push("the idle session-mode client's connection was closed".to_string());
+        } else {
+            match tokio::time::timeout(STEP, client.simple_query("SHOW application_name")).await {
+                Ok(Ok(msgs)) => {
+                    let value = msgs.iter().find_map(|m| match m {
+                        SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+                        _ => None,
+                    });
+                    if value.as_deref() != Some("idle-session") {
+                        problems.push(format!("application_name after the failover: {value:?}"));
+                    }
+                }
+                Ok(Err(e)) => problems.push(format!("SHOW application_name: {:?}", describe(&e))),
+                Err(_) => problems.push("SHOW application_name: no answer".into()),
+            }
+            match tokio::time::timeout(STEP, client.query_one(&stmt, &[&5i32])).await {
+                Ok(Ok(row)) if row.get::<_, i32>(0) == 5 => {}
+                Ok(Ok(_)) => problems.push("prepared statement: wrong answer".into()),
+                Ok(Err(e)) => problems.push(format!("prepared statement: {:?}", describe(&e))),
+                Err(_) => problems.push("prepared statement: no answer".into()),
+            }
+        }
+        println!("[session] idle session-mode client after the failover: {problems:?}");
+        assert!(
+            problems.is_empty(),
+            "an idle session-mode client must be re-attached to the new primary: {problems:?}"
+        );
         panic_watch::assert_no_proxy_panics();
     })
     .await
