@@ -23,7 +23,7 @@ use crate::metrics::{self, FailoverMode, FailoverPhase, FailoverResult};
 use crate::pool::Pools;
 
 /// How soon a primary that failed one diagnosis is diagnosed again.
-const RETRY_DELAY: Duration = Duration::from_millis(100);
+const RETRY_DELAY: Duration = Duration::from_millis(50);
 /// How long running transactions may take to finish before a switchover cuts them.
 const SWITCHOVER_DRAIN: Duration = Duration::from_secs(10);
 /// How long a standby may take to replay what it received before promotion.
@@ -474,7 +474,8 @@ impl Controller {
                 warn!(node = %self.topology.nodes[i].name, error = %e, "cannot detach standby from the old primary");
             }
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        // The WAL receivers stop at once on reload; give them a moment to report.
+        tokio::time::sleep(Duration::from_millis(50)).await;
         self.diagnose_except(Some(old)).await;
         metrics::failover_phase(FailoverPhase::Elect, started.elapsed().as_secs_f64());
 
