@@ -382,6 +382,9 @@ impl Controller {
 
     /// Hold, fence, freeze, choose, promote, publish, re-point, release.
     async fn fail_over(&mut self, old: usize, why: &str) {
+        // A primary that does not serve is not routed to, whether or not a failover follows:
+        // new transactions wait for it (or for a new one) instead of failing against it.
+        self.topology.primary = None;
         if !self.config.failover.enabled {
             self.set_reason(Some(format!("{why}; failover is disabled")));
             return;

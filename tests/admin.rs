@@ -609,7 +609,19 @@ async fn during_content_type(admin: SocketAddr) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ready_and_node_metrics_follow_a_primary_crash() {
-    let env = env(1).await;
+    // Failover off: the primary stays gone until it is started again.
+    panic_watch::install();
+    let env = TestEnv::start(
+        ClusterSpec {
+            standbys: 1,
+            ..ClusterSpec::default()
+        },
+        |c| {
+            c.admin_listen = "127.0.0.1:0".into();
+            c.failover.enabled = false;
+        },
+    )
+    .await;
     let admin = env.proxy.admin_addr;
     wait_for(admin, "/ready", "ready", |a| a.status == StatusCode::OK).await;
     let n0 = env.cluster.node("n0").expect("n0");
