@@ -357,6 +357,13 @@ impl ServerConn {
         let mut out = BytesMut::new();
         frontend::query(sql, &mut out)?;
         self.stream.write_all(&out).await?;
+        self.last_used = Instant::now();
+        self.read_until_ready().await
+    }
+
+    /// Reads the answers to a control request up to ReadyForQuery, recording ParameterStatus
+    /// updates; the first error, if any, is returned once the server is ready again.
+    async fn read_until_ready(&mut self) -> Result<(), ServerError> {
         let mut buf = std::mem::take(&mut self.pending);
         let mut first_error = None;
         loop {
@@ -371,7 +378,6 @@ impl ServerConn {
                 }
                 Message::ReadyForQuery(_) => {
                     self.pending = buf;
-                    self.last_used = Instant::now();
                     return first_error.map_or(Ok(()), Err);
                 }
                 _ => {}
@@ -391,25 +397,7 @@ impl ServerConn {
         }
         frontend::sync(&mut out);
         self.stream.write_all(&out).await?;
-        let mut buf = std::mem::take(&mut self.pending);
-        let mut first_error = None;
-        loop {
-            match self.read_message(&mut buf).await? {
-                Message::ParameterStatus(body) => {
-                    self.params
-                        .insert(body.name()?.to_string(), body.value()?.to_string());
-                }
-                Message::ErrorResponse(body) => {
-                    let e = postgres_error(body.fields())?;
-                    first_error.get_or_insert(e);
-                }
-                Message::ReadyForQuery(_) => {
-                    self.pending = buf;
-                    return first_error.map_or(Ok(()), Err);
-                }
-                _ => {}
-            }
-        }
+        self.read_until_ready().await
     }
 
     /// Makes the server's session parameters match what a client asked for, with one round trip

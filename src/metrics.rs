@@ -714,16 +714,7 @@ pub fn transactions_aborted_by_failover(outcome: AbortOutcome) {
 // ---------------------------------------------------------------------------------------------
 // State, read at scrape time.
 
-/// Parses a PostgreSQL LSN (`16/B374D848`) into a byte position.
-pub fn parse_lsn(lsn: &str) -> Option<u64> {
-    let (hi, lo) = lsn.split_once('/')?;
-    let hi = u64::from_str_radix(hi, 16).ok()?;
-    let lo = u64::from_str_radix(lo, 16).ok()?;
-    if hi > u64::from(u32::MAX) || lo > u64::from(u32::MAX) {
-        return None;
-    }
-    Some((hi << 32) | lo)
-}
+pub use crate::cluster::parse_lsn;
 
 /// Received and replayed lag of node `index` behind the primary, in bytes, when both are known.
 pub fn node_lag(topology: &Topology, index: usize) -> (Option<u64>, Option<u64>) {
