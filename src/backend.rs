@@ -430,6 +430,10 @@ impl ServerConn {
 
     /// The value a session parameter has on this connection, as far as pgswitch knows.
     fn current_param(&self, name: &str) -> Option<&str> {
+        // Exact names first (what the server reports), then any spelling.
+        if let Some(v) = self.params.get(name).or_else(|| self.applied.get(name)) {
+            return Some(v);
+        }
         self.params
             .iter()
             .chain(self.applied.iter())

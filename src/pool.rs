@@ -199,7 +199,11 @@ impl Pool {
     ) -> Result<PooledServer, PoolError> {
         let started = Instant::now();
         self.counters.waiting.fetch_add(1, Ordering::Relaxed);
-        let permit = tokio::time::timeout(wait, self.permits.clone().acquire_owned()).await;
+        // Fast path without a timer when a slot is free.
+        let permit = match self.permits.clone().try_acquire_owned() {
+            Ok(permit) => Ok(Ok(permit)),
+            Err(_) => tokio::time::timeout(wait, self.permits.clone().acquire_owned()).await,
+        };
         self.counters.waiting.fetch_sub(1, Ordering::Relaxed);
         let permit = match permit {
             Ok(Ok(permit)) => permit,

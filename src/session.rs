@@ -325,12 +325,12 @@ async fn attach(
     pool: &Arc<Pool>,
     params: &[(String, String)],
 ) -> Result<PooledServer, AttachError> {
+    let (wait, hold) = {
+        let config = proxy.config();
+        (config.pool_timeout(), config.hold())
+    };
     let mut server = pool
-        .acquire(
-            &proxy.cluster,
-            proxy.config().pool_timeout(),
-            proxy.config().hold(),
-        )
+        .acquire(&proxy.cluster, wait, hold)
         .await
         .map_err(|e| {
             warn!(pool = %pool.key, error = %e, "no server for client");
