@@ -6,14 +6,13 @@ mod common;
 #[path = "common/panic_watch.rs"]
 mod panic_watch;
 
-use std::future::Future;
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::TestEnv;
+use common::{within, TestEnv};
 use hyper::{Method, StatusCode};
 use pgswitch::admin::METRICS_CONTENT_TYPE;
 use pgswitch::harness::ClusterSpec;
@@ -22,13 +21,6 @@ use serde_json::Value;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 const STEP: Duration = Duration::from_secs(30);
-
-async fn within<F: Future>(what: &str, limit: Duration, f: F) -> F::Output {
-    match tokio::time::timeout(limit, f).await {
-        Ok(v) => v,
-        Err(_) => panic!("{what}: no answer within {limit:?}"),
-    }
-}
 
 /// A cluster (primary + `standbys`) with pgswitch in front, its admin API on a port the OS picks.
 async fn env(standbys: usize) -> TestEnv {

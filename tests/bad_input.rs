@@ -10,7 +10,7 @@ mod panic_watch;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use common::{TestEnv, PASSWORD, USER};
+use common::{on_primary, wait_on_primary, within, TestEnv, PASSWORD, USER};
 use pgswitch::config::{Config, PoolMode, UserConfig};
 use pgswitch::harness::ClusterSpec;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -28,13 +28,6 @@ const STEP: Duration = Duration::from_secs(30);
 // ---------------------------------------------------------------------------------------------
 // Support
 // ---------------------------------------------------------------------------------------------
-
-async fn within<F: std::future::Future>(what: &str, limit: Duration, f: F) -> F::Output {
-    match tokio::time::timeout(limit, f).await {
-        Ok(v) => v,
-        Err(_) => panic!("{what}: no answer within {limit:?}"),
-    }
-}
 
 /// A primary-only cluster (with an extra role `other`) and a session-mode pgswitch.
 async fn env(tweak: impl FnOnce(&mut Config)) -> TestEnv {
@@ -103,30 +96,6 @@ async fn others_still_work(env: &TestEnv, bystander: &Client, after: &str) {
     assert_eq!(simple_value(&fresh, "SELECT 'fresh ok'").await, "fresh ok");
     drop(fresh);
     let _ = within("fresh client closes", STEP, task).await;
-}
-
-async fn on_primary(env: &TestEnv, sql: &str) -> String {
-    let node = env.cluster.nodes[0].clone();
-    let sql = sql.to_string();
-    tokio::task::spawn_blocking(move || node.psql(&sql))
-        .await
-        .expect("psql task")
-        .unwrap_or_else(|e| panic!("{e:#}"))
-}
-
-async fn wait_on_primary(env: &TestEnv, sql: &str, want: &str, limit: Duration) -> Duration {
-    let started = Instant::now();
-    loop {
-        let got = on_primary(env, sql).await;
-        if got == want {
-            return started.elapsed();
-        }
-        assert!(
-            started.elapsed() < limit,
-            "the primary never returned {want:?} for {sql:?} within {limit:?}; last: {got:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// Waits (bounded) until pgswitch counts exactly `n` clients: bad connections give their

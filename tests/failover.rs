@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU16, AtomicUsize, Ordering}
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{TestEnv, PASSWORD, USER};
+use common::{within as bounded, TestEnv, PASSWORD, USER};
 use hyper::{Method, StatusCode};
 use pgswitch::cluster::Role;
 use pgswitch::config::{Config, PoolMode};
@@ -57,13 +57,6 @@ fn rel(t: Instant, origin: Instant) -> String {
         format!("+{:.3}s", (t - origin).as_secs_f64())
     } else {
         format!("-{:.3}s", (origin - t).as_secs_f64())
-    }
-}
-
-async fn bounded<F: Future>(what: &str, limit: Duration, f: F) -> F::Output {
-    match tokio::time::timeout(limit, f).await {
-        Ok(v) => v,
-        Err(_) => panic!("{what}: did not finish within {limit:?}"),
     }
 }
 

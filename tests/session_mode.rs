@@ -5,14 +5,13 @@ mod common;
 #[path = "common/panic_watch.rs"]
 mod panic_watch;
 
-use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{TestEnv, PASSWORD, USER};
+use common::{on_primary, wait_on_primary, within, TestEnv, PASSWORD, USER};
 use futures_util::{SinkExt, StreamExt};
 use pgswitch::config::{Config, PoolMode, TlsConfig};
 use pgswitch::harness::ClusterSpec;
@@ -27,14 +26,6 @@ const STEP: Duration = Duration::from_secs(30);
 // ---------------------------------------------------------------------------------------------
 // Support
 // ---------------------------------------------------------------------------------------------
-
-/// Awaits `f`, failing the test if it takes longer than `limit`.
-async fn within<F: Future>(what: &str, limit: Duration, f: F) -> F::Output {
-    match tokio::time::timeout(limit, f).await {
-        Ok(v) => v,
-        Err(_) => panic!("{what}: no answer within {limit:?}"),
-    }
-}
 
 /// A primary-only cluster with a session-mode pgswitch in front, configured by `tweak`.
 async fn env(tweak: impl FnOnce(&mut Config)) -> TestEnv {
@@ -76,32 +67,6 @@ async fn connect_dsn(dsn: &str) -> Result<Client, tokio_postgres::Error> {
     let (client, connection) = within("connect", STEP, tokio_postgres::connect(dsn, NoTls)).await?;
     tokio::spawn(connection);
     Ok(client)
-}
-
-/// SQL run directly on the primary as the superuser (not through pgswitch).
-async fn on_primary(env: &TestEnv, sql: &str) -> String {
-    let node = env.cluster.nodes[0].clone();
-    let sql = sql.to_string();
-    tokio::task::spawn_blocking(move || node.psql(&sql))
-        .await
-        .expect("psql task")
-        .unwrap_or_else(|e| panic!("{e:#}"))
-}
-
-/// Polls `sql` on the primary until it returns `want`, for at most `limit`.
-async fn wait_on_primary(env: &TestEnv, sql: &str, want: &str, limit: Duration) -> Duration {
-    let started = Instant::now();
-    loop {
-        let got = on_primary(env, sql).await;
-        if got == want {
-            return started.elapsed();
-        }
-        assert!(
-            started.elapsed() < limit,
-            "the primary never returned {want:?} for {sql:?} within {limit:?}; last: {got:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// The SQLSTATE of a tokio-postgres error, or a description when there is none.

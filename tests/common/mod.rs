@@ -4,6 +4,9 @@
 
 pub mod python;
 
+use std::future::Future;
+use std::time::{Duration, Instant};
+
 use pgswitch::config::Config;
 use pgswitch::demo::demo_config;
 use pgswitch::harness::{ClusterSpec, PgCluster};
@@ -89,5 +92,39 @@ impl TestEnv {
             .expect("connect through pgswitch");
         tokio::spawn(connection);
         client
+    }
+}
+
+/// Awaits `f`, failing the test when it takes longer than `limit`.
+pub async fn within<F: Future>(what: &str, limit: Duration, f: F) -> F::Output {
+    match tokio::time::timeout(limit, f).await {
+        Ok(v) => v,
+        Err(_) => panic!("{what}: no answer within {limit:?}"),
+    }
+}
+
+/// SQL run directly on the primary (`nodes[0]`) as the superuser, not through pgswitch.
+pub async fn on_primary(env: &TestEnv, sql: &str) -> String {
+    let node = env.cluster.nodes[0].clone();
+    let sql = sql.to_string();
+    tokio::task::spawn_blocking(move || node.psql(&sql))
+        .await
+        .expect("psql task")
+        .unwrap_or_else(|e| panic!("{e:#}"))
+}
+
+/// Polls `sql` on the primary until it returns `want`, for at most `limit`.
+pub async fn wait_on_primary(env: &TestEnv, sql: &str, want: &str, limit: Duration) -> Duration {
+    let started = Instant::now();
+    loop {
+        let got = on_primary(env, sql).await;
+        if got == want {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < limit,
+            "the primary never returned {want:?} for {sql:?} within {limit:?}; last: {got:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
