@@ -20,6 +20,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::config::ServerTlsMode;
+use crate::params::ParamSet;
 use crate::prepared::ServerStatements;
 use crate::stream::{self, Stream};
 
@@ -29,7 +30,7 @@ static NEXT_SERVER_ID: AtomicU64 = AtomicU64::new(1);
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerTarget {
     pub node: Arc<str>,
-    pub host: String,
+    pub host: Arc<str>,
     pub port: u16,
 }
 
@@ -83,7 +84,7 @@ impl Fences {
         self.lock().insert(
             id,
             (
-                target.host.clone(),
+                target.host.to_string(),
                 target.port,
                 std::net::TcpStream::from(dup),
             ),
@@ -168,8 +169,14 @@ pub struct ServerConn {
     pub params: BTreeMap<String, String>,
     /// Values pgswitch set on this connection that the server does not report.
     pub applied: BTreeMap<String, String>,
-    /// Bytes the server sent after the last control exchange; owed to the next client.
+    /// Bytes read from the server and not yet handled: after a control exchange, what is owed
+    /// to the next client. While a client is attached, this is the relay's read buffer.
     pub pending: BytesMut,
+    /// The relay's write buffer towards this server, kept with the connection between clients.
+    pub outgoing: BytesMut,
+    /// `ParamSet::id` of the client parameters this connection was last found to match; 0 once
+    /// any parameter changed since.
+    pub synced_params: u64,
     /// Transaction mode: the pgswitch-named prepared statements that exist on this server.
     pub statements: ServerStatements,
     pub created: Instant,
@@ -234,6 +241,8 @@ impl ServerConn {
             params: BTreeMap::new(),
             applied: BTreeMap::new(),
             pending: BytesMut::new(),
+            outgoing: BytesMut::new(),
+            synced_params: 0,
             statements: ServerStatements::default(),
             created: Instant::now(),
             last_used: Instant::now(),
@@ -369,8 +378,7 @@ impl ServerConn {
         loop {
             match self.read_message(&mut buf).await? {
                 Message::ParameterStatus(body) => {
-                    self.params
-                        .insert(body.name()?.to_string(), body.value()?.to_string());
+                    self.param_reported(body.name()?, body.value()?);
                 }
                 Message::ErrorResponse(body) => {
                     let e = postgres_error(body.fields())?;
@@ -403,9 +411,12 @@ impl ServerConn {
     /// Makes the server's session parameters match what a client asked for, with one round trip
     /// of `set_config` calls for the values that differ. `set_config` parses a value the way
     /// a startup packet does, so list settings (`search_path = 'a,b'`) keep their meaning.
-    pub async fn sync_params(&mut self, wanted: &[(String, String)]) -> Result<(), ServerError> {
+    pub async fn sync_params(&mut self, wanted: &ParamSet) -> Result<(), ServerError> {
+        if self.params_match(wanted) {
+            return Ok(());
+        }
         let mut calls = Vec::new();
-        for (name, value) in wanted {
+        for (name, value) in wanted.values() {
             if self.current_param(name) == Some(value.as_str()) {
                 continue;
             }
@@ -420,12 +431,43 @@ impl ServerConn {
         }
         self.simple_query(&format!("SELECT {}", calls.join(", ")))
             .await?;
-        for (name, value) in wanted {
+        for (name, value) in wanted.values() {
             if !self.params.keys().any(|k| k.eq_ignore_ascii_case(name)) {
                 self.applied.insert(name.clone(), value.clone());
             }
         }
+        self.synced_params = wanted.id();
         Ok(())
+    }
+
+    /// Whether the connection already has every value of `wanted`, without a round trip. A
+    /// connection that last matched this very set (nothing changed since) is not compared again.
+    pub fn params_match(&mut self, wanted: &ParamSet) -> bool {
+        if self.synced_params == wanted.id() {
+            return true;
+        }
+        let all = wanted
+            .values()
+            .iter()
+            .all(|(name, value)| self.current_param(name) == Some(value.as_str()));
+        if all {
+            self.synced_params = wanted.id();
+        }
+        all
+    }
+
+    /// The server reported a new value: the connection no longer provably matches any set.
+    pub fn param_reported(&mut self, name: &str, value: &str) {
+        self.synced_params = 0;
+        match self.params.get_mut(name) {
+            Some(v) => {
+                v.clear();
+                v.push_str(value);
+            }
+            None => {
+                self.params.insert(name.to_string(), value.to_string());
+            }
+        }
     }
 
     /// The value a session parameter has on this connection, as far as pgswitch knows.
@@ -444,6 +486,7 @@ impl ServerConn {
     /// Runs the reset query before the connection goes back to the pool.
     pub async fn reset(&mut self, reset_query: &str) -> Result<(), ServerError> {
         self.applied.clear();
+        self.synced_params = 0;
         self.statements.clear();
         if reset_query.is_empty() {
             return Ok(());

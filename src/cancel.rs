@@ -12,7 +12,7 @@ use crate::backend;
 /// The server backend a client's query currently runs on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CancelTarget {
-    pub host: String,
+    pub host: std::sync::Arc<str>,
     pub port: u16,
     pub pid: u32,
     pub secret: u32,

@@ -140,7 +140,7 @@ impl NodeStatus {
     pub fn target(&self) -> ServerTarget {
         ServerTarget {
             node: Arc::from(self.name.as_str()),
-            host: self.host.clone(),
+            host: Arc::from(self.host.as_str()),
             port: self.port,
         }
     }
@@ -173,6 +173,11 @@ impl Topology {
     /// The server connections should go to, if a primary is known.
     pub fn primary_target(&self) -> Option<ServerTarget> {
         Some(self.nodes.get(self.primary?)?.target())
+    }
+
+    /// The name of the node that takes writes, if any.
+    pub fn primary_name(&self) -> Option<&str> {
+        Some(self.nodes.get(self.primary?)?.name.as_str())
     }
 
     pub fn index_of(&self, name: &str) -> Option<usize> {

@@ -11,7 +11,7 @@ use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
-use tracing::{debug, info, info_span, warn, Instrument};
+use tracing::{debug, debug_span, info, info_span, warn, Instrument};
 
 use crate::auth::{self, AuthError, AuthMethod, ScramServer, Secret};
 use crate::backend::Fences;
@@ -234,8 +234,7 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, mut shutdown: watch
                 Ok((tcp, addr)) => {
                     let proxy = proxy.clone();
                     let id = proxy.next_client_id.fetch_add(1, Ordering::Relaxed);
-                    let span = info_span!("client", client = id, %addr);
-                    tokio::spawn(handle_client(proxy, tcp, addr, id).instrument(span));
+                    tokio::spawn(handle_client(proxy, tcp, addr, id));
                 }
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead of spinning.
@@ -268,24 +267,31 @@ async fn handle_client(proxy: Arc<Proxy>, tcp: TcpStream, addr: SocketAddr, id: 
     let _ = tcp.set_nodelay(true);
     let slot = proxy.client_slots.clone().try_acquire_owned().ok();
     let login_timeout = proxy.config().client_login_timeout();
-    let outcome = Box::pin(tokio::time::timeout(
-        login_timeout,
-        login(&proxy, tcp, slot),
-    ))
+    // Login lines carry the client in an info span. The session's span is debug-level: entering
+    // a span on every poll of the relay costs more than the relay's own work per transaction,
+    // so the session's info and warning lines name the client in their fields instead.
+    let span = info_span!("client", client = id, %addr);
+    let outcome = Box::pin(
+        tokio::time::timeout(login_timeout, login(&proxy, tcp, slot)).instrument(span.clone()),
+    )
     .await;
     let logged_in = match outcome {
         Err(_) => {
-            debug!("login timed out after {login_timeout:?}");
+            span.in_scope(|| debug!("login timed out after {login_timeout:?}"));
             metrics::client_login_failed(LoginFailure::Timeout);
             return;
         }
         Ok(None) => return,
         Ok(Some(l)) => l,
     };
-    info!(user = %logged_in.user, database = %logged_in.database, tls = logged_in.stream.is_tls(), "client logged in");
+    span.in_scope(|| info!(user = %logged_in.user, database = %logged_in.database, tls = logged_in.stream.is_tls(), "client logged in"));
+    drop(span);
     metrics::client_connected();
     // Boxed, and in a statement of its own, so that this task holds only a pointer to it.
-    let session = Box::pin(ClientSession::run(proxy, logged_in, id, addr));
+    let session = Box::pin(
+        ClientSession::run(proxy, logged_in, id, addr)
+            .instrument(debug_span!("client", client = id, %addr)),
+    );
     session.await;
     metrics::client_disconnected();
 }

@@ -7,6 +7,7 @@
 pub mod admin;
 pub mod auth;
 pub mod backend;
+pub mod buffers;
 pub mod cancel;
 pub mod client_error;
 pub mod cluster;
@@ -17,6 +18,7 @@ pub mod failover;
 pub mod frontend;
 pub mod harness;
 pub mod metrics;
+pub mod params;
 pub mod pool;
 pub mod prepared;
 pub mod server;

@@ -114,13 +114,18 @@ fn run_async(f: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCo
     run_async_with(0, f)
 }
 
-/// Runs `f` on a runtime with `workers` threads (0 = one per core).
+/// Runs `f` on a runtime with `workers` threads (0 = one per core). One worker is a
+/// single-threaded runtime, like PgBouncer's event loop: no wake-ups between threads.
 fn run_async_with(
     workers: usize,
     f: impl std::future::Future<Output = anyhow::Result<()>>,
 ) -> ExitCode {
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if workers > 0 {
+    let mut builder = if workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    if workers > 1 {
         builder.worker_threads(workers);
     }
     let runtime = match builder.enable_all().build() {

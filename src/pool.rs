@@ -17,6 +17,7 @@ use tracing::{debug, info, warn};
 use crate::backend::{ServerConn, ServerError, ServerLogin};
 use crate::cluster::ClusterView;
 use crate::metrics::{self, AcquireFailure, PoolMetrics};
+use crate::params::SharedSets;
 use crate::prepared::KnownStatements;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -61,6 +62,8 @@ pub struct Pool {
     counters: Counters,
     /// Prepared statements PostgreSQL accepted on this pool's servers.
     pub known_statements: Arc<KnownStatements>,
+    /// Client session parameters, shared between clients that want the same.
+    pub param_sets: SharedSets,
     pub metrics: PoolMetrics,
     min_size: usize,
     /// New connections per second (0 = unlimited), and when the next may start.
@@ -140,6 +143,7 @@ impl Pool {
             idle: Mutex::new(Vec::new()),
             counters: Counters::default(),
             known_statements: Arc::new(KnownStatements::default()),
+            param_sets: SharedSets::default(),
         }
     }
 
@@ -187,6 +191,34 @@ impl Pool {
         self.idle
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Checks out the most recently used idle connection when that needs no waiting at all: a
+    /// free slot, a primary, and an idle connection to it from the current epoch. This is the
+    /// path of nearly every transaction; anything else goes through `acquire`.
+    pub fn try_acquire_now(self: &Arc<Self>, cluster: &ClusterView) -> Option<PooledServer> {
+        let permit = self.permits.clone().try_acquire_owned().ok()?;
+        let conn = {
+            let topology = cluster.topology.borrow();
+            let primary = topology.primary_name()?;
+            let mut idle = self.lock_idle();
+            let usable = idle.last_mut().is_some_and(|c| {
+                c.epoch >= topology.epoch && *c.target.node == *primary && !c.is_closed()
+            });
+            if !usable {
+                return None;
+            }
+            idle.pop()?
+        };
+        self.counters.active.fetch_add(1, Ordering::Relaxed);
+        self.metrics.pool_wait(0.0);
+        Some(PooledServer {
+            conn,
+            lease: Lease {
+                pool: self.clone(),
+                _permit: permit,
+            },
+        })
     }
 
     /// Checks out a server connection to the current primary, waiting at most `wait` for a

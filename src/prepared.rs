@@ -80,7 +80,7 @@ impl ClientStatements {
 
     /// Between transactions: a Parse of a statement the pool already knows to be valid is
     /// recorded and answered locally (true); anything else needs a server (false).
-    pub fn parse_locally(&mut self, msg: &Bytes, known: &KnownStatements) -> bool {
+    pub fn parse_locally(&mut self, msg: &[u8], known: &KnownStatements) -> bool {
         let Some(p) = msg.get(5..).and_then(parse_parse) else {
             return false;
         };
@@ -104,7 +104,7 @@ impl ClientStatements {
     }
 
     /// Between transactions: Close of a named statement only forgets the name.
-    pub fn close_locally(&mut self, msg: &Bytes) -> bool {
+    pub fn close_locally(&mut self, msg: &[u8]) -> bool {
         match msg.get(5..) {
             Some([b'S', rest @ ..]) => match cstr(rest) {
                 Some((name, _)) if !name.is_empty() => {
@@ -133,10 +133,15 @@ impl ServerStatements {
         self.names.contains_key(name)
     }
 
-    pub fn touch(&mut self, name: &str) {
-        self.tick += 1;
-        if let Some(t) = self.names.get_mut(name) {
-            *t = self.tick;
+    /// Marks `name` as just used; false if the server does not have it.
+    pub fn touch(&mut self, name: &str) -> bool {
+        match self.names.get_mut(name) {
+            Some(t) => {
+                self.tick += 1;
+                *t = self.tick;
+                true
+            }
+            None => false,
         }
     }
 
@@ -325,12 +330,19 @@ fn cstr(buf: &[u8]) -> Option<(&[u8], &[u8])> {
 fn message(tag: u8, parts: &[&[u8]]) -> Bytes {
     let len: usize = parts.iter().map(|p| p.len()).sum();
     let mut out = BytesMut::with_capacity(5 + len);
+    put_message(&mut out, tag, parts);
+    out.freeze()
+}
+
+/// Appends a message made of `parts` to `out`.
+fn put_message(out: &mut BytesMut, tag: u8, parts: &[&[u8]]) {
+    let len: usize = parts.iter().map(|p| p.len()).sum();
+    out.reserve(5 + len);
     out.put_u8(tag);
     out.put_u32((4 + len) as u32);
     for p in parts {
         out.put_slice(p);
     }
-    out.freeze()
 }
 
 /// A parsed Parse message body: statement name, and the rest (query + parameter types).
@@ -350,30 +362,38 @@ pub fn parse_parse(body: &[u8]) -> Option<ParseBody<'_>> {
     })
 }
 
-/// What to do with one client message in transaction mode.
-#[derive(Debug, PartialEq, Eq)]
-pub struct Rewrite {
-    /// Bytes to send to the server (possibly empty).
-    pub to_server: Vec<Bytes>,
-    /// Expectations to queue, in order.
-    pub pending: Vec<Pending>,
-}
-
 /// Rewrites one complete client message (`msg` = tag + length + body) that may name a
-/// prepared statement. Returns `None` for a malformed message (forward it unchanged and let
-/// PostgreSQL report the error).
+/// prepared statement: what goes to the server is appended to `to_server`, and what pgswitch
+/// expects back is queued in `tracker`. Returns false, having written nothing, for a message
+/// that needs no rewriting (the unnamed statement) or is malformed (forward it unchanged and
+/// let PostgreSQL report the error).
 pub fn rewrite_client_message(
-    msg: &Bytes,
+    msg: &[u8],
     client: &mut ClientStatements,
     server: &mut ServerStatements,
     capacity: usize,
-) -> Option<Rewrite> {
+    to_server: &mut BytesMut,
+    tracker: &mut Tracker,
+) -> bool {
+    let mut out = Out { to_server, tracker };
+    rewrite(msg, client, server, capacity, &mut out).is_some()
+}
+
+/// Where a rewrite writes.
+struct Out<'a> {
+    to_server: &'a mut BytesMut,
+    tracker: &'a mut Tracker,
+}
+
+fn rewrite(
+    msg: &[u8],
+    client: &mut ClientStatements,
+    server: &mut ServerStatements,
+    capacity: usize,
+    out: &mut Out<'_>,
+) -> Option<()> {
     let tag = *msg.first()?;
     let body = msg.get(5..)?;
-    let mut out = Rewrite {
-        to_server: Vec::new(),
-        pending: Vec::new(),
-    };
     match tag {
         b'P' => {
             let p = parse_parse(body)?;
@@ -386,25 +406,20 @@ pub fn rewrite_client_message(
                 b'P',
                 &[server_name.as_bytes(), b"\0", p.query, b"\0", p.param_types],
             );
-            client.by_name.insert(
-                name,
-                Arc::new(Statement {
-                    server_name: server_name.clone(),
-                    parse: parse.clone(),
-                }),
-            );
-            if server.contains(&server_name) {
-                server.touch(&server_name);
-                out.pending.push(Pending::Inject(b'1'));
+            if server.touch(&server_name) {
+                out.tracker.push(Pending::Inject(b'1'));
             } else {
-                evict(server, capacity, &mut out);
+                evict(server, capacity, out);
                 server.insert(server_name.clone());
-                out.to_server.push(parse);
-                out.pending.push(Pending::Reply {
+                out.to_server.extend_from_slice(&parse);
+                out.tracker.push(Pending::Reply {
                     request: b'P',
-                    parse_of: Some(server_name),
+                    parse_of: Some(server_name.clone()),
                 });
             }
+            client
+                .by_name
+                .insert(name, Arc::new(Statement { server_name, parse }));
         }
         b'B' => {
             let (portal, rest) = cstr(body)?;
@@ -412,13 +427,14 @@ pub fn rewrite_client_message(
             if stmt.is_empty() {
                 return None;
             }
-            let statement = client.get(std::str::from_utf8(stmt).ok()?)?.clone();
-            ensure_on_server(&statement, server, capacity, &mut out);
-            out.to_server.push(message(
+            let statement = client.get(std::str::from_utf8(stmt).ok()?)?;
+            ensure_on_server(statement, server, capacity, out);
+            put_message(
+                out.to_server,
                 b'B',
                 &[portal, b"\0", statement.server_name.as_bytes(), b"\0", rest],
-            ));
-            out.pending.push(Pending::Reply {
+            );
+            out.tracker.push(Pending::Reply {
                 request: b'B',
                 parse_of: None,
             });
@@ -429,13 +445,14 @@ pub fn rewrite_client_message(
             if kind != b'S' || name.is_empty() {
                 return None;
             }
-            let statement = client.get(std::str::from_utf8(name).ok()?)?.clone();
-            ensure_on_server(&statement, server, capacity, &mut out);
-            out.to_server.push(message(
+            let statement = client.get(std::str::from_utf8(name).ok()?)?;
+            ensure_on_server(statement, server, capacity, out);
+            put_message(
+                out.to_server,
                 b'D',
                 &[b"S", statement.server_name.as_bytes(), b"\0"],
-            ));
-            out.pending.push(Pending::Reply {
+            );
+            out.tracker.push(Pending::Reply {
                 request: b'D',
                 parse_of: None,
             });
@@ -448,11 +465,11 @@ pub fn rewrite_client_message(
             }
             // The server-side statement stays for other clients; the client's name goes.
             client.by_name.remove(std::str::from_utf8(name).ok()?);
-            out.pending.push(Pending::Inject(b'3'));
+            out.tracker.push(Pending::Inject(b'3'));
         }
         _ => return None,
     }
-    Some(out)
+    Some(())
 }
 
 /// Prepares `statement` on the server first if it is not there, swallowing the answer.
@@ -460,31 +477,29 @@ fn ensure_on_server(
     statement: &Statement,
     server: &mut ServerStatements,
     capacity: usize,
-    out: &mut Rewrite,
+    out: &mut Out<'_>,
 ) {
-    if server.contains(&statement.server_name) {
-        server.touch(&statement.server_name);
+    if server.touch(&statement.server_name) {
         return;
     }
     evict(server, capacity, out);
     server.insert(statement.server_name.clone());
-    out.to_server.push(statement.parse.clone());
-    out.pending.push(Pending::Swallow {
+    out.to_server.extend_from_slice(&statement.parse);
+    out.tracker.push(Pending::Swallow {
         answer: b'1',
         parse_of: Some(statement.server_name.clone()),
     });
 }
 
 /// Closes the least recently used server statement when the cache is full.
-fn evict(server: &mut ServerStatements, capacity: usize, out: &mut Rewrite) {
+fn evict(server: &mut ServerStatements, capacity: usize, out: &mut Out<'_>) {
     if server.len() < capacity.max(1) {
         return;
     }
     if let Some(victim) = server.over_capacity(capacity.max(1) - 1) {
         server.remove(&victim);
-        out.to_server
-            .push(message(b'C', &[b"S", victim.as_bytes(), b"\0"]));
-        out.pending.push(Pending::Swallow {
+        put_message(out.to_server, b'C', &[b"S", victim.as_bytes(), b"\0"]);
+        out.tracker.push(Pending::Swallow {
             answer: b'3',
             parse_of: None,
         });
@@ -494,6 +509,38 @@ fn evict(server: &mut ServerStatements, capacity: usize, out: &mut Rewrite) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What one rewrite produced: the messages for the server, and the expectations queued.
+    struct Rewritten {
+        to_server: Vec<Bytes>,
+        pending: Vec<Pending>,
+    }
+
+    fn rw(
+        msg: &[u8],
+        client: &mut ClientStatements,
+        server: &mut ServerStatements,
+        capacity: usize,
+    ) -> Option<Rewritten> {
+        let mut out = BytesMut::new();
+        let mut tracker = Tracker::default();
+        if !rewrite_client_message(msg, client, server, capacity, &mut out, &mut tracker) {
+            assert!(
+                out.is_empty() && tracker.is_empty(),
+                "nothing written when not rewritten"
+            );
+            return None;
+        }
+        let mut to_server = Vec::new();
+        while !out.is_empty() {
+            let len = u32::from_be_bytes([out[1], out[2], out[3], out[4]]) as usize;
+            to_server.push(out.split_to(1 + len).freeze());
+        }
+        Some(Rewritten {
+            to_server,
+            pending: tracker.queue.into_iter().collect(),
+        })
+    }
 
     fn msg(tag: u8, body: &[u8]) -> Bytes {
         message(tag, &[body])
@@ -518,8 +565,7 @@ mod tests {
     fn parse_of_a_new_statement_is_forwarded_renamed() {
         let mut client = ClientStatements::default();
         let mut server = ServerStatements::default();
-        let r = rewrite_client_message(&parse_msg("s1", "select 1"), &mut client, &mut server, 10)
-            .expect("rewritten");
+        let r = rw(&parse_msg("s1", "select 1"), &mut client, &mut server, 10).expect("rewritten");
         assert_eq!(r.to_server.len(), 1);
         let sent = &r.to_server[0];
         assert!(sent.windows(5).any(|w| w == b"pgsw_"));
@@ -530,10 +576,9 @@ mod tests {
     fn parse_known_to_the_server_is_answered_by_pgswitch() {
         let mut client = ClientStatements::default();
         let mut server = ServerStatements::default();
-        rewrite_client_message(&parse_msg("s1", "select 1"), &mut client, &mut server, 10);
+        rw(&parse_msg("s1", "select 1"), &mut client, &mut server, 10);
         let mut other = ClientStatements::default();
-        let r = rewrite_client_message(&parse_msg("a", "select 1"), &mut other, &mut server, 10)
-            .expect("rewritten");
+        let r = rw(&parse_msg("a", "select 1"), &mut other, &mut server, 10).expect("rewritten");
         assert!(r.to_server.is_empty());
         assert_eq!(r.pending, vec![Pending::Inject(b'1')]);
         let mut tracker = Tracker::default();
@@ -549,10 +594,9 @@ mod tests {
     fn bind_on_a_server_without_the_statement_prepares_it_first() {
         let mut client = ClientStatements::default();
         let mut first = ServerStatements::default();
-        rewrite_client_message(&parse_msg("s1", "select 1"), &mut client, &mut first, 10);
+        rw(&parse_msg("s1", "select 1"), &mut client, &mut first, 10);
         let mut second = ServerStatements::default();
-        let r = rewrite_client_message(&bind_msg("s1"), &mut client, &mut second, 10)
-            .expect("rewritten");
+        let r = rw(&bind_msg("s1"), &mut client, &mut second, 10).expect("rewritten");
         assert_eq!(r.to_server.len(), 2);
         assert_eq!(r.to_server[0][0], b'P');
         assert_eq!(r.to_server[1][0], b'B');
@@ -576,16 +620,15 @@ mod tests {
     fn unknown_statement_is_left_for_postgresql_to_report() {
         let mut client = ClientStatements::default();
         let mut server = ServerStatements::default();
-        assert!(rewrite_client_message(&bind_msg("nope"), &mut client, &mut server, 10).is_none());
+        assert!(rw(&bind_msg("nope"), &mut client, &mut server, 10).is_none());
     }
 
     #[test]
     fn close_forgets_the_client_name_and_answers_itself() {
         let mut client = ClientStatements::default();
         let mut server = ServerStatements::default();
-        rewrite_client_message(&parse_msg("s1", "select 1"), &mut client, &mut server, 10);
-        let r = rewrite_client_message(&msg(b'C', b"Ss1\0"), &mut client, &mut server, 10)
-            .expect("rewritten");
+        rw(&parse_msg("s1", "select 1"), &mut client, &mut server, 10);
+        let r = rw(&msg(b'C', b"Ss1\0"), &mut client, &mut server, 10).expect("rewritten");
         assert!(r.to_server.is_empty());
         assert_eq!(r.pending, vec![Pending::Inject(b'3')]);
         assert!(client.get("s1").is_none());
@@ -597,7 +640,7 @@ mod tests {
         let mut client = ClientStatements::default();
         let mut server = ServerStatements::default();
         for i in 0..3 {
-            rewrite_client_message(
+            rw(
                 &parse_msg(&format!("s{i}"), &format!("select {i}")),
                 &mut client,
                 &mut server,
@@ -614,7 +657,7 @@ mod tests {
         let mut client = ClientStatements::default();
         let mut server = ServerStatements::default();
         let mut tracker = Tracker::default();
-        let r = rewrite_client_message(
+        let r = rw(
             &parse_msg("s1", "select nope"),
             &mut client,
             &mut server,

@@ -24,11 +24,13 @@ use tokio_util::io::{poll_read_buf, poll_write_buf};
 use tracing::{debug, info, warn};
 
 use crate::backend::{ServerConn, ServerLogin};
+use crate::buffers;
 use crate::cancel::CancelTarget;
 use crate::client_error::ClientError;
 use crate::config::PoolMode;
 use crate::frontend::{refuse, LoggedIn, Proxy};
 use crate::metrics::{self, AbortOutcome, Direction, Hazard, PoolMetrics};
+use crate::params::ParamSet;
 use crate::pool::{Pool, PoolKey, PooledServer};
 use crate::prepared::{self, ClientStatements, KnownStatements, Pending, Tracker, Verdict};
 use crate::stream::Stream;
@@ -69,7 +71,8 @@ impl ClientSession {
         } = login;
         let mode = proxy.config().pool_mode;
         let pool = pool_for(&proxy, &user, &database);
-        let first = Box::pin(attach(&proxy, &pool, &params));
+        let login_params = ParamSet::new(params);
+        let first = Box::pin(attach(&proxy, &pool, &login_params, None));
         let gone = Box::pin(read_until_closed(&mut stream, &mut leftover));
         let attached = tokio::select! {
             r = first => r,
@@ -86,7 +89,8 @@ impl ClientSession {
             }
         };
         let cancel = proxy.cancels.register();
-        let mut wanted = params;
+        let mut wanted = login_params.values().to_vec();
+        drop(login_params);
         if mode == PoolMode::Transaction {
             // The first server's values are this client's defaults from now on.
             for name in tracked_names(&proxy).iter().cloned() {
@@ -97,6 +101,7 @@ impl ClientSession {
                 }
             }
         }
+        let wanted = pool.param_sets.share(wanted);
         let mut greeting = BytesMut::new();
         for (name, value) in &server.conn.params {
             wire::parameter_status(&mut greeting, name, value);
@@ -110,8 +115,9 @@ impl ClientSession {
         relay.client_in = leftover;
         let mut server = match mode {
             PoolMode::Session => {
+                relay.lend_buffers(&mut server.conn);
                 cancel.slot.set(Some(cancel_target(&server.conn)));
-                info!(server = server.conn.id, node = %server.conn.target.node, "client attached to server");
+                info!(client = id, server = server.conn.id, node = %server.conn.target.node, "client attached to server");
                 Some(server)
             }
             PoolMode::Transaction => {
@@ -132,24 +138,44 @@ impl ClientSession {
             .await;
             match end {
                 RelayEvent::NeedServer => {
-                    let wait = proxy.config().hold();
-                    let unpaused = Box::pin(proxy.wait_unpaused(wait));
-                    if !unpaused.await {
-                        relay.fail_in_flight(ClientError::no_server_while_paused());
-                        continue;
-                    }
-                    let next = Box::pin(attach(&proxy, &pool, &relay.wanted));
-                    let gone = Box::pin(read_until_closed(&mut stream, &mut relay.client_in));
-                    let attached = tokio::select! {
-                        r = next => Some(r),
-                        _ = gone => None,
+                    // Nearly every transaction: an idle server that already has the client's
+                    // parameters, taken without waiting, timers or allocation.
+                    let mut now = if proxy.is_paused() {
+                        None
+                    } else {
+                        pool.try_acquire_now(&proxy.cluster)
                     };
-                    let Some(attached) = attached else {
-                        debug!("client left while waiting for a server");
-                        break;
+                    let ready = now
+                        .as_mut()
+                        .is_some_and(|s| s.conn.params_match(&relay.wanted));
+                    let attached = match now {
+                        Some(s) if ready => Ok(s),
+                        now => {
+                            if now.is_none() {
+                                let wait = proxy.config().hold();
+                                let unpaused = Box::pin(proxy.wait_unpaused(wait));
+                                if !unpaused.await {
+                                    relay.fail_in_flight(ClientError::no_server_while_paused());
+                                    continue;
+                                }
+                            }
+                            let next = Box::pin(attach(&proxy, &pool, &relay.wanted, now));
+                            let gone =
+                                Box::pin(read_until_closed(&mut stream, &mut relay.client_in));
+                            let attached = tokio::select! {
+                                r = next => Some(r),
+                                _ = gone => None,
+                            };
+                            let Some(attached) = attached else {
+                                debug!("client left while waiting for a server");
+                                break;
+                            };
+                            attached
+                        }
                     };
                     match attached {
-                        Ok(s) => {
+                        Ok(mut s) => {
+                            relay.lend_buffers(&mut s.conn);
                             cancel.slot.set(Some(cancel_target(&s.conn)));
                             relay.answered = false;
                             server = Some(s);
@@ -162,7 +188,8 @@ impl ClientSession {
                 }
                 RelayEvent::ServerIdle => {
                     cancel.slot.set(None);
-                    if let Some(s) = server.take() {
+                    if let Some(mut s) = server.take() {
+                        relay.return_buffers(&mut s.conn);
                         s.release();
                     }
                     relay.shrink_idle_buffers();
@@ -179,7 +206,7 @@ impl ClientSession {
                     break;
                 }
                 RelayEvent::ClientProtocol(e) => {
-                    info!(error = %e, "closing client after protocol violation");
+                    info!(client = id, %addr, error = %e, "closing client after protocol violation");
                     cancel.slot.set(None);
                     if let Some(s) = server.take() {
                         cancel_and_discard(s);
@@ -196,9 +223,9 @@ impl ClientSession {
                     let server_failing = fatal.as_deref().is_none_or(|c| c.starts_with("57P"));
                     if let Some(s) = server.take() {
                         if server_failing {
-                            warn!(server = s.conn.id, node = %s.conn.target.node, error = %e, fatal = ?fatal, "server connection lost");
+                            warn!(client = id, server = s.conn.id, node = %s.conn.target.node, error = %e, fatal = ?fatal, "server connection lost");
                         } else {
-                            info!(server = s.conn.id, node = %s.conn.target.node, fatal = ?fatal, "server ended the session");
+                            info!(client = id, server = s.conn.id, node = %s.conn.target.node, fatal = ?fatal, "server ended the session");
                         }
                         s.discard();
                     }
@@ -228,8 +255,9 @@ impl ClientSession {
                             // its parameters and prepared statements.
                             let moved = Box::pin(reattach(&proxy, &pool, &relay));
                             match moved.await {
-                                Ok(s) => {
-                                    info!(server = s.conn.id, node = %s.conn.target.node, "idle session moved to the new primary");
+                                Ok(mut s) => {
+                                    relay.lend_buffers(&mut s.conn);
+                                    info!(client = id, server = s.conn.id, node = %s.conn.target.node, "idle session moved to the new primary");
                                     cancel.slot.set(Some(cancel_target(&s.conn)));
                                     relay.answered = false;
                                     server = Some(s);
@@ -308,7 +336,7 @@ async fn reattach(
     pool: &Arc<Pool>,
     relay: &Relay,
 ) -> Result<PooledServer, ClientError> {
-    let mut server = attach(proxy, pool, &relay.wanted)
+    let mut server = attach(proxy, pool, &relay.wanted, None)
         .await
         .map_err(|e| e.fatal())?;
     let parses: Vec<bytes::Bytes> = relay.session_statements.values().cloned().collect();
@@ -319,23 +347,28 @@ async fn reattach(
     Ok(server)
 }
 
-/// Checks out a server and gives it the client's session parameters.
+/// Checks out a server (unless `have` is one already) and gives it the client's session
+/// parameters.
 async fn attach(
     proxy: &Proxy,
     pool: &Arc<Pool>,
-    params: &[(String, String)],
+    params: &ParamSet,
+    have: Option<PooledServer>,
 ) -> Result<PooledServer, AttachError> {
     let (wait, hold) = {
         let config = proxy.config();
         (config.pool_timeout(), config.hold())
     };
-    let mut server = pool
-        .acquire(&proxy.cluster, wait, hold)
-        .await
-        .map_err(|e| {
-            warn!(pool = %pool.key, error = %e, "no server for client");
-            AttachError::Pool(e)
-        })?;
+    let mut server = match have {
+        Some(s) => s,
+        None => pool
+            .acquire(&proxy.cluster, wait, hold)
+            .await
+            .map_err(|e| {
+                warn!(pool = %pool.key, error = %e, "no server for client");
+                AttachError::Pool(e)
+            })?,
+    };
     if let Err(e) = server.conn.sync_params(params).await {
         server.discard();
         return Err(AttachError::Server(e));
@@ -486,7 +519,7 @@ struct Relay {
     /// Transaction mode: answers expected from the server, with pgswitch's own in between.
     tracker: Tracker,
     /// Session parameters this client keeps across servers.
-    wanted: Vec<(String, String)>,
+    wanted: Arc<ParamSet>,
     tracked: Arc<[String]>,
     max_message: usize,
     cache_size: usize,
@@ -504,7 +537,7 @@ struct Relay {
 }
 
 impl Relay {
-    fn new(proxy: &Proxy, mode: PoolMode, wanted: Vec<(String, String)>, pool: &Pool) -> Relay {
+    fn new(proxy: &Proxy, mode: PoolMode, wanted: Arc<ParamSet>, pool: &Pool) -> Relay {
         Relay {
             known: pool.known_statements.clone(),
             metrics: pool.metrics.clone(),
@@ -550,19 +583,32 @@ impl Relay {
             && self.server_msg.is_none()
     }
 
-    /// Frees the buffers of a client that sits idle between transactions.
+    /// Gives back the buffers of a client that sits idle between transactions.
     fn shrink_idle_buffers(&mut self) {
-        for buf in [&mut self.to_server, &mut self.server_in] {
-            if buf.is_empty() {
-                *buf = BytesMut::new();
-            }
+        for buf in [
+            &mut self.to_server,
+            &mut self.server_in,
+            &mut self.client_in,
+            &mut self.to_client,
+        ] {
+            buffers::give(buf);
         }
-        if self.client_in.is_empty() {
-            self.client_in = BytesMut::new();
-        }
-        if self.to_client.is_empty() {
-            self.to_client = BytesMut::new();
-        }
+    }
+
+    /// A server was attached: the relay reads and writes it through the connection's own
+    /// buffers, which stay with the connection between clients. Whatever the server sent after
+    /// its last control exchange is handled like anything else it sends.
+    fn lend_buffers(&mut self, conn: &mut ServerConn) {
+        self.to_server.clear();
+        self.server_in.clear();
+        std::mem::swap(&mut self.to_server, &mut conn.outgoing);
+        std::mem::swap(&mut self.server_in, &mut conn.pending);
+    }
+
+    /// The server goes back to its pool, with its buffers (empty: the server is quiet).
+    fn return_buffers(&mut self, conn: &mut ServerConn) {
+        std::mem::swap(&mut self.to_server, &mut conn.outgoing);
+        std::mem::swap(&mut self.server_in, &mut conn.pending);
     }
 
     /// The server went away or none could be had: answer what the client is waiting for with
@@ -704,32 +750,26 @@ impl Relay {
                     self.client_in.reserve(5 + body - self.client_in.len());
                     break;
                 }
-                let msg = self.client_in.split_to(5 + body).freeze();
-                match prepared::rewrite_client_message(
-                    &msg,
+                let msg = &self.client_in[..5 + body];
+                if prepared::rewrite_client_message(
+                    msg,
                     statements,
                     &mut conn.statements,
                     self.cache_size,
+                    &mut self.to_server,
+                    &mut self.tracker,
                 ) {
-                    Some(r) => {
-                        for b in &r.to_server {
-                            self.to_server.extend_from_slice(b);
-                        }
-                        for p in r.pending {
-                            self.tracker.push(p);
-                        }
-                        if self.server_msg.is_none() {
-                            self.tracker.drain_injects(&mut self.to_client);
-                        }
+                    if self.server_msg.is_none() {
+                        self.tracker.drain_injects(&mut self.to_client);
                     }
-                    None => {
-                        self.to_server.extend_from_slice(&msg);
-                        self.tracker.push(Pending::Reply {
-                            request: tag,
-                            parse_of: None,
-                        });
-                    }
+                } else {
+                    self.to_server.extend_from_slice(msg);
+                    self.tracker.push(Pending::Reply {
+                        request: tag,
+                        parse_of: None,
+                    });
                 }
+                self.client_in.advance(5 + body);
                 progress = true;
                 continue;
             }
@@ -772,11 +812,11 @@ impl Relay {
                 if self.client_in.len() < 5 + body {
                     return false;
                 }
-                let msg = bytes::Bytes::copy_from_slice(&self.client_in[..5 + body]);
+                let msg = &self.client_in[..5 + body];
                 let done = if tag == b'P' {
-                    statements.parse_locally(&msg, &self.known)
+                    statements.parse_locally(msg, &self.known)
                 } else {
-                    statements.close_locally(&msg)
+                    statements.close_locally(msg)
                 };
                 if !done {
                     return false;
@@ -870,29 +910,23 @@ impl Relay {
                 }
                 continue;
             }
-            let msg = self.server_in.split_to(5 + body);
+            let end = 5 + body;
             match tag {
                 b'Z' if body == 1 => {
-                    self.server_status = msg[5];
+                    self.server_status = self.server_in[5];
                     self.awaiting_ready = self.awaiting_ready.saturating_sub(1);
                     self.answered = true;
                     if self.awaiting_ready == 0 {
                         self.commit_in_flight = false;
-                    }
-                    if self.awaiting_ready == 0 {
-                        if let Some(t) = self.request_started.take() {
-                            self.metrics.query_finished(t.elapsed().as_secs_f64());
-                        }
-                        if self.server_status == b'I' {
-                            if let Some(t) = self.transaction_started.take() {
-                                self.metrics.transaction_finished(t.elapsed().as_secs_f64());
-                            }
-                        }
+                        self.record_latencies();
                     }
                 }
-                b'S' => self.track_parameter(conn, &msg[5..]),
+                b'S' => {
+                    let body = self.server_in[5..end].to_vec();
+                    self.track_parameter(conn, &body);
+                }
                 b'E' => {
-                    if let Some(code) = fatal_code(&msg[5..]) {
+                    if let Some(code) = fatal_code(&self.server_in[5..end]) {
                         // A server going away (shutdown, crash, failover)
                         // is not the client's end: pgswitch answers for it (08006, or a move to the new primary).
                         if code.starts_with("57P") {
@@ -902,7 +936,7 @@ impl Relay {
                     }
                 }
                 b'C' => {
-                    let command = &msg[5..];
+                    let command = &self.server_in[5..end];
                     if command.starts_with(b"DISCARD ALL") || command.starts_with(b"DEALLOCATE ALL")
                     {
                         conn.statements.clear();
@@ -913,8 +947,9 @@ impl Relay {
                 _ => {}
             }
             if verdict == Verdict::Forward {
-                self.to_client.extend_from_slice(&msg);
+                self.to_client.extend_from_slice(&self.server_in[..end]);
             }
+            self.server_in.advance(end);
             self.tracker.drain_injects(&mut self.to_client);
         }
         Ok(progress)
@@ -959,15 +994,27 @@ impl Relay {
         let (Ok(name), Ok(value)) = (std::str::from_utf8(name), std::str::from_utf8(value)) else {
             return;
         };
-        conn.params.insert(name.to_string(), value.to_string());
-        if self.tracked.iter().any(|t| t.eq_ignore_ascii_case(name)) {
-            match self
-                .wanted
-                .iter_mut()
-                .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            {
-                Some(entry) => entry.1 = value.to_string(),
-                None => self.wanted.push((name.to_string(), value.to_string())),
+        conn.param_reported(name, value);
+        if self.tracked.iter().any(|t| t.eq_ignore_ascii_case(name))
+            && self.wanted.get(name) != Some(value)
+        {
+            self.wanted = Arc::new(self.wanted.with(name, value));
+        }
+    }
+
+    /// The client's requests are all answered: the query (and, when the server is idle again,
+    /// the transaction) took from its first request until now.
+    fn record_latencies(&mut self) {
+        let Some(query) = self.request_started.take() else {
+            return;
+        };
+        let now = Instant::now();
+        self.metrics
+            .query_finished(now.duration_since(query).as_secs_f64());
+        if self.server_status == b'I' {
+            if let Some(t) = self.transaction_started.take() {
+                self.metrics
+                    .transaction_finished(now.duration_since(t).as_secs_f64());
             }
         }
     }
@@ -1019,7 +1066,11 @@ impl Relay {
                     self.shrink_idle_buffers();
                 }
                 let ready = if self.client_in.capacity() == 0 {
-                    client.poll_read_ready(cx).is_ready()
+                    let ready = client.poll_read_ready(cx).is_ready();
+                    if ready {
+                        self.client_in = buffers::take();
+                    }
+                    ready
                 } else {
                     true
                 };
@@ -1070,6 +1121,9 @@ impl Relay {
                     Poll::Ready(Err(e)) => return Poll::Ready(RelayEvent::ServerGone(e)),
                     Poll::Pending => {}
                 }
+            }
+            if self.to_client.capacity() == 0 && !self.server_in.is_empty() {
+                self.to_client = buffers::take();
             }
             match self.process_server(conn, statements) {
                 Ok(p) => {
@@ -1148,21 +1202,23 @@ fn fatal_code(body: &[u8]) -> Option<String> {
 }
 
 /// Session state a simple query creates that transaction pooling cannot carry to the client's
-/// next server (see the README's list of transaction-mode caveats).
+/// next server (see the README's list of transaction-mode caveats). Looks at the bytes as they
+/// are: this runs on every simple query.
 fn session_state_hazard(query: &[u8]) -> Option<Hazard> {
-    let text = String::from_utf8_lossy(query).to_ascii_lowercase();
-    let text = text.trim_start();
-    if text.starts_with("prepare ") {
+    let text = trim_start(query);
+    if starts_with_word(text, b"prepare ") {
         Some(Hazard::Prepare)
-    } else if text.starts_with("listen ") {
+    } else if starts_with_word(text, b"listen ") {
         Some(Hazard::Listen)
-    } else if text.contains("pg_advisory_lock(") || text.contains("pg_try_advisory_lock(") {
+    } else if contains_ignore_case(text, b"pg_advisory_lock(")
+        || contains_ignore_case(text, b"pg_try_advisory_lock(")
+    {
         Some(Hazard::AdvisoryLock)
-    } else if text.starts_with("create temp") || text.starts_with("create temporary") {
+    } else if starts_with_word(text, b"create temp") {
         Some(Hazard::TempTable)
-    } else if text.starts_with("set ")
-        && !text.starts_with("set local ")
-        && !text.starts_with("set transaction ")
+    } else if starts_with_word(text, b"set ")
+        && !starts_with_word(text, b"set local ")
+        && !starts_with_word(text, b"set transaction ")
     {
         Some(Hazard::Set)
     } else {
@@ -1170,13 +1226,33 @@ fn session_state_hazard(query: &[u8]) -> Option<Hazard> {
     }
 }
 
+fn trim_start(text: &[u8]) -> &[u8] {
+    let skip = text
+        .iter()
+        .position(|b| !b.is_ascii_whitespace())
+        .unwrap_or(text.len());
+    &text[skip..]
+}
+
+/// `text` starts with `prefix`, ignoring ASCII case.
+fn starts_with_word(text: &[u8], prefix: &[u8]) -> bool {
+    text.len() >= prefix.len() && text[..prefix.len()].eq_ignore_ascii_case(prefix)
+}
+
+/// `text` contains `needle` (lowercase ASCII), ignoring ASCII case.
+fn contains_ignore_case(text: &[u8], needle: &[u8]) -> bool {
+    let Some(&first) = needle.first() else {
+        return true;
+    };
+    text.len() >= needle.len()
+        && (0..=text.len() - needle.len()).any(|i| {
+            text[i].to_ascii_lowercase() == first
+                && text[i..i + needle.len()].eq_ignore_ascii_case(needle)
+        })
+}
+
 /// A simple query that ends a transaction with COMMIT (or END).
 fn is_commit(query: &[u8]) -> bool {
-    let head: Vec<u8> = query
-        .iter()
-        .skip_while(|b| b.is_ascii_whitespace())
-        .take(6)
-        .map(|b| b.to_ascii_lowercase())
-        .collect();
-    head.starts_with(b"commit") || head.starts_with(b"end")
+    let text = trim_start(query);
+    starts_with_word(text, b"commit") || starts_with_word(text, b"end")
 }
