@@ -17,7 +17,7 @@ use std::hint::black_box;
 use bytes::{BufMut, Bytes, BytesMut};
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 
-use pgswitch::prepared::{rewrite_client_message, ClientStatements, ServerStatements};
+use pgswitch::prepared::{rewrite_client_message, ClientStatements, ServerStatements, Tracker};
 use pgswitch::wire::{take_message, Scanner, Step};
 
 const MAX_BODY: usize = 1 << 30;
@@ -207,39 +207,77 @@ fn bench_prepared(c: &mut Criterion) {
     // Steady state: the client knows P0_1 and the server connection already has it.
     let mut client = ClientStatements::default();
     let mut server = ServerStatements::default();
-    rewrite_client_message(&parse, &mut client, &mut server, CAPACITY).expect("parse rewrites");
-    let r = rewrite_client_message(&bind_msg, &mut client, &mut server, CAPACITY)
-        .expect("bind rewrites");
+    let mut out = BytesMut::with_capacity(16 * 1024);
+    let mut tracker = Tracker::default();
+    assert!(rewrite_client_message(
+        &parse,
+        &mut client,
+        &mut server,
+        CAPACITY,
+        &mut out,
+        &mut tracker
+    ));
+    out.clear();
+    tracker.clear();
+    assert!(rewrite_client_message(
+        &bind_msg,
+        &mut client,
+        &mut server,
+        CAPACITY,
+        &mut out,
+        &mut tracker
+    ));
     assert_eq!(
-        r.to_server.len(),
-        1,
+        out[0], b'B',
         "statement already on the server: only the Bind"
+    );
+    assert_eq!(
+        out.len(),
+        1 + u32::from_be_bytes([out[1], out[2], out[3], out[4]]) as usize
     );
     g.throughput(Throughput::Elements(1));
     g.bench_function("bind_statement_on_server", |b| {
         b.iter(|| {
-            rewrite_client_message(black_box(&bind_msg), &mut client, &mut server, CAPACITY)
-                .expect("bind rewrites")
+            out.clear();
+            tracker.clear();
+            rewrite_client_message(
+                black_box(&bind_msg),
+                &mut client,
+                &mut server,
+                CAPACITY,
+                &mut out,
+                &mut tracker,
+            )
         })
     });
 
     // The client's statement is not yet on this server connection: Parse is injected first.
-    let r = rewrite_client_message(
+    out.clear();
+    tracker.clear();
+    assert!(rewrite_client_message(
         &bind_msg,
         &mut client,
         &mut ServerStatements::default(),
         CAPACITY,
-    )
-    .expect("bind rewrites");
-    assert_eq!(r.to_server.len(), 2, "statement missing: Parse + Bind");
+        &mut out,
+        &mut tracker
+    ));
+    assert_eq!(out[0], b'P', "statement missing: Parse + Bind");
     g.bench_function("bind_statement_missing_on_server", |b| {
         b.iter_batched(
             ServerStatements::default,
             |mut fresh| {
-                let r =
-                    rewrite_client_message(black_box(&bind_msg), &mut client, &mut fresh, CAPACITY)
-                        .expect("bind rewrites");
-                (r, fresh)
+                out.clear();
+                tracker.clear();
+                rewrite_client_message(
+                    black_box(&bind_msg),
+                    &mut client,
+                    &mut fresh,
+                    CAPACITY,
+                    &mut out,
+                    &mut tracker,
+                );
+                fresh
             },
             BatchSize::SmallInput,
         )
