@@ -263,7 +263,28 @@ pub struct LoggedIn {
     pub slot: OwnedSemaphorePermit,
 }
 
+/// One client connection, from accept to close. The task's own future is small: logging in
+/// runs boxed and then is gone, and the session keeps its state in one allocation.
 async fn handle_client(proxy: Arc<Proxy>, tcp: TcpStream, addr: SocketAddr, id: u64) {
+    let Some(session) = Box::pin(log_in(proxy, tcp, addr, id)).await else {
+        return;
+    };
+    let run = Box::pin(
+        session
+            .run()
+            .instrument(debug_span!("client", client = id, %addr)),
+    );
+    run.await;
+    metrics::client_disconnected();
+}
+
+/// Startup, TLS, authentication and the first server: a client ready for its session.
+async fn log_in(
+    proxy: Arc<Proxy>,
+    tcp: TcpStream,
+    addr: SocketAddr,
+    id: u64,
+) -> Option<ClientSession> {
     let _ = tcp.set_nodelay(true);
     let slot = proxy.client_slots.clone().try_acquire_owned().ok();
     let login_timeout = proxy.config().client_login_timeout();
@@ -271,29 +292,28 @@ async fn handle_client(proxy: Arc<Proxy>, tcp: TcpStream, addr: SocketAddr, id: 
     // a span on every poll of the relay costs more than the relay's own work per transaction,
     // so the session's info and warning lines name the client in their fields instead.
     let span = info_span!("client", client = id, %addr);
-    let outcome = Box::pin(
-        tokio::time::timeout(login_timeout, login(&proxy, tcp, slot)).instrument(span.clone()),
-    )
-    .await;
+    let outcome = tokio::time::timeout(login_timeout, login(&proxy, tcp, slot))
+        .instrument(span.clone())
+        .await;
     let logged_in = match outcome {
         Err(_) => {
             span.in_scope(|| debug!("login timed out after {login_timeout:?}"));
             metrics::client_login_failed(LoginFailure::Timeout);
-            return;
+            return None;
         }
-        Ok(None) => return,
+        Ok(None) => return None,
         Ok(Some(l)) => l,
     };
     span.in_scope(|| info!(user = %logged_in.user, database = %logged_in.database, tls = logged_in.stream.is_tls(), "client logged in"));
     drop(span);
     metrics::client_connected();
-    // Boxed, and in a statement of its own, so that this task holds only a pointer to it.
-    let session = Box::pin(
-        ClientSession::run(proxy, logged_in, id, addr)
-            .instrument(debug_span!("client", client = id, %addr)),
-    );
-    session.await;
-    metrics::client_disconnected();
+    let session = ClientSession::start(proxy, logged_in, id, addr)
+        .instrument(debug_span!("client", client = id, %addr))
+        .await;
+    if session.is_none() {
+        metrics::client_disconnected();
+    }
+    session
 }
 
 /// Sends a FATAL error and closes, best effort. Boxed: a rare path that should not make every

@@ -58,7 +58,10 @@ pub struct Pool {
     login: Mutex<ServerLogin>,
     size: AtomicUsize,
     permits: Arc<Semaphore>,
-    idle: Mutex<Vec<ServerConn>>,
+    // Boxed connections: checking one out or in moves a pointer, and a `PooledServer` (kept
+    // by every client, empty between transactions) is pointer-sized.
+    #[allow(clippy::vec_box)]
+    idle: Mutex<Vec<Box<ServerConn>>>,
     counters: Counters,
     /// Prepared statements PostgreSQL accepted on this pool's servers.
     pub known_statements: Arc<KnownStatements>,
@@ -74,7 +77,9 @@ pub struct Pool {
 /// A server connection checked out of a pool. Dropping it without `release` closes the
 /// socket: only a connection known to be clean goes back.
 pub struct PooledServer {
-    pub conn: ServerConn,
+    /// Boxed: a client between transactions keeps a pointer-sized empty slot, not a whole
+    /// connection's worth of bytes.
+    pub conn: Box<ServerConn>,
     lease: Lease,
 }
 
@@ -187,7 +192,8 @@ impl Pool {
         }
     }
 
-    fn lock_idle(&self) -> MutexGuard<'_, Vec<ServerConn>> {
+    #[allow(clippy::vec_box)]
+    fn lock_idle(&self) -> MutexGuard<'_, Vec<Box<ServerConn>>> {
         self.idle
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -274,6 +280,7 @@ impl Pool {
             self.pace_connect().await;
             match ServerConn::connect(&target, &login, epoch).await {
                 Ok(conn) => {
+                    let conn = Box::new(conn);
                     debug!(server = conn.id, node = %target.node, pool = %self.key, "server connection opened");
                     metrics::server_connection_opened(&target.node);
                     self.metrics.pool_wait(started.elapsed().as_secs_f64());
@@ -329,7 +336,7 @@ impl Pool {
     pub fn close_idle(&self, idle_timeout: Duration) {
         let now = Instant::now();
         let active = self.counters.active.load(Ordering::Relaxed);
-        let expired: Vec<ServerConn> = {
+        let expired: Vec<Box<ServerConn>> = {
             let mut idle = self.lock_idle();
             let mut keep_at_least = self.min_size.saturating_sub(active);
             // Most recently used last: keep those.
@@ -370,7 +377,7 @@ impl Pool {
             match ServerConn::connect(&target, &login, epoch).await {
                 Ok(conn) => {
                     metrics::server_connection_opened(&target.node);
-                    self.lock_idle().push(conn);
+                    self.lock_idle().push(Box::new(conn));
                 }
                 Err(e) => {
                     debug!(pool = %self.key, error = %e, "cannot open a min_pool_size connection");
