@@ -13,7 +13,7 @@ use bytes::BytesMut;
 /// are freed instead of kept.
 pub const SIZE: usize = 16 * 1024;
 /// Most buffers kept per thread: enough for every client active at once on a busy thread.
-const KEEP: usize = 512;
+const KEEP: usize = 256;
 
 thread_local! {
     static FREE: RefCell<Vec<BytesMut>> = const { RefCell::new(Vec::new()) };
