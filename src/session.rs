@@ -1319,9 +1319,7 @@ fn session_state_hazard(query: &[u8]) -> Option<Hazard> {
         Some(Hazard::Prepare)
     } else if starts_with_word(text, b"listen ") {
         Some(Hazard::Listen)
-    } else if contains_ignore_case(text, b"pg_advisory_lock(")
-        || contains_ignore_case(text, b"pg_try_advisory_lock(")
-    {
+    } else if calls_any(text, &[b"pg_advisory_lock", b"pg_try_advisory_lock"]) {
         Some(Hazard::AdvisoryLock)
     } else if starts_with_word(text, b"create temp") {
         Some(Hazard::TempTable)
@@ -1348,16 +1346,15 @@ fn starts_with_word(text: &[u8], prefix: &[u8]) -> bool {
     text.len() >= prefix.len() && text[..prefix.len()].eq_ignore_ascii_case(prefix)
 }
 
-/// `text` contains `needle` (lowercase ASCII), ignoring ASCII case.
-fn contains_ignore_case(text: &[u8], needle: &[u8]) -> bool {
-    let Some(&first) = needle.first() else {
-        return true;
-    };
-    text.len() >= needle.len()
-        && (0..=text.len() - needle.len()).any(|i| {
-            text[i].to_ascii_lowercase() == first
-                && text[i..i + needle.len()].eq_ignore_ascii_case(needle)
+/// `text` calls one of `functions` (`name(`, any ASCII case). Only the bytes before each `(`
+/// are compared, so a query without parentheses costs one vectorised scan.
+fn calls_any(text: &[u8], functions: &[&[u8]]) -> bool {
+    memchr::memchr_iter(b'(', text).any(|i| {
+        let before = &text[..i];
+        functions.iter().any(|f| {
+            before.len() >= f.len() && before[before.len() - f.len()..].eq_ignore_ascii_case(f)
         })
+    })
 }
 
 /// A simple query that ends a transaction with COMMIT (or END).
