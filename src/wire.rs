@@ -101,15 +101,14 @@ fn parse_startup_params(
     let mut params = Vec::new();
     let mut protocol_options = Vec::new();
     loop {
-        let (key, after) = read_cstr(rest).ok_or(WireError::BadStartup("missing terminator"))?;
+        let (key, after) = startup_cstr(rest, "missing terminator")?;
         if key.is_empty() {
             if !after.is_empty() {
                 return Err(WireError::BadStartup("bytes after the final terminator"));
             }
             break;
         }
-        let (value, after) =
-            read_cstr(after).ok_or(WireError::BadStartup("parameter without a value"))?;
+        let (value, after) = startup_cstr(after, "parameter without a value")?;
         if let Some(option) = key.strip_prefix("_pq_.") {
             protocol_options.push(format!("_pq_.{option}"));
         } else {
@@ -129,6 +128,20 @@ fn read_u32(buf: &[u8], at: usize) -> u32 {
     let mut b = [0u8; 4];
     b.copy_from_slice(&buf[at..at + 4]);
     u32::from_be_bytes(b)
+}
+
+/// A startup packet's NUL-terminated string: `missing` names what is wrong when there is no NUL.
+fn startup_cstr<'a>(
+    buf: &'a [u8],
+    missing: &'static str,
+) -> Result<(&'a str, &'a [u8]), WireError> {
+    let nul = buf
+        .iter()
+        .position(|&b| b == 0)
+        .ok_or(WireError::BadStartup(missing))?;
+    let s = std::str::from_utf8(&buf[..nul])
+        .map_err(|_| WireError::BadStartup("startup parameter is not valid UTF-8"))?;
+    Ok((s, &buf[nul + 1..]))
 }
 
 /// Splits a NUL-terminated UTF-8 string off the front of `buf`.
@@ -493,6 +506,26 @@ mod tests {
         assert_eq!(
             parse_startup(&v2),
             Err(WireError::UnsupportedProtocol(2, 0))
+        );
+    }
+
+    #[test]
+    fn a_startup_parameter_that_is_not_utf8_is_named_as_such() {
+        let mut bytes = startup_bytes(&[("user", "app"), ("application_name", "x")], PROTOCOL_3_0);
+        let at = bytes.len() - 3; // the value "x"
+        bytes[at] = 0xff;
+        assert_eq!(
+            parse_startup(&bytes),
+            Err(WireError::BadStartup(
+                "startup parameter is not valid UTF-8"
+            ))
+        );
+        let mut no_value = 9u32.to_be_bytes().to_vec();
+        no_value.extend(PROTOCOL_3_0.to_be_bytes());
+        no_value.push(b'u');
+        assert_eq!(
+            parse_startup(&no_value),
+            Err(WireError::BadStartup("missing terminator"))
         );
     }
 
