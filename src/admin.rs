@@ -502,18 +502,21 @@ fn with_type(status: StatusCode, body: Bytes, content_type: &'static str) -> Res
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cluster::Role;
+    use crate::cluster::{Diagnosis, Role};
 
     fn topology() -> Topology {
         let node = |name: &str, role| NodeStatus {
             name: name.into(),
             host: "127.0.0.1".into(),
             port: 5432,
-            role,
+            diagnosis: Diagnosis {
+                role,
+                timeline: Some(1),
+                lsn: None,
+                replay_lsn: None,
+                ..Diagnosis::default()
+            },
             healthy: true,
-            timeline: Some(1),
-            lsn: None,
-            replay_lsn: None,
             latency_ms: None,
             consecutive_failures: 0,
             last_error: None,

@@ -38,33 +38,21 @@ pub struct Replica {
     pub sync_state: String,
 }
 
-/// What the diagnoses of a node found.
+/// What the diagnoses of a node found: the last successful diagnosis, and how the latest ones
+/// went.
 #[derive(Debug, Clone, Serialize)]
 pub struct NodeStatus {
     pub name: String,
     pub host: String,
     pub port: u16,
-    pub role: Role,
+    /// The last successful diagnosis (kept, stale, while the node fails them); its fields
+    /// appear directly among the node's in `/status`.
+    #[serde(flatten)]
+    pub diagnosis: Diagnosis,
     pub healthy: bool,
-    pub timeline: Option<u32>,
-    /// Primary: current WAL LSN; standby: last received LSN.
-    pub lsn: Option<String>,
-    pub replay_lsn: Option<String>,
-    pub replay_paused: bool,
-    /// Standby: seconds since the last replayed transaction was committed on the primary.
-    pub lag_seconds: Option<f64>,
-    /// Standby: `host:port` its WAL receiver streams from.
-    pub upstream: Option<String>,
-    /// Standby: seconds since its WAL receiver last heard from the primary.
-    pub last_msg_age_seconds: Option<f64>,
-    /// Primary: `default_transaction_read_only` is on (fenced or being switched over).
-    pub read_only: bool,
-    /// Primary: its `synchronous_standby_names`.
-    pub synchronous_standby_names: Option<String>,
-    /// Primary: who streams from it.
-    pub replicas: Vec<Replica>,
     /// A former primary: never routed to until it rejoined as a standby.
     pub quarantined: bool,
+    /// How long the last diagnosis took; `None` when it failed.
     pub latency_ms: Option<f64>,
     pub consecutive_failures: u32,
     pub last_error: Option<String>,
@@ -81,18 +69,8 @@ impl NodeStatus {
             name: name.to_string(),
             host: host.to_string(),
             port,
-            role: Role::Unknown,
+            diagnosis: Diagnosis::default(),
             healthy: false,
-            timeline: None,
-            lsn: None,
-            replay_lsn: None,
-            replay_paused: false,
-            lag_seconds: None,
-            upstream: None,
-            last_msg_age_seconds: None,
-            read_only: false,
-            synchronous_standby_names: None,
-            replicas: Vec::new(),
             quarantined: false,
             latency_ms: None,
             consecutive_failures: 0,
@@ -103,18 +81,8 @@ impl NodeStatus {
     /// Updates from a successful diagnosis.
     pub fn record(&mut self, d: Diagnosis) {
         self.healthy = true;
-        self.role = d.role;
-        self.timeline = d.timeline;
-        self.lsn = d.lsn;
-        self.replay_lsn = d.replay_lsn;
-        self.replay_paused = d.replay_paused;
-        self.lag_seconds = d.lag_seconds;
-        self.upstream = d.upstream;
-        self.last_msg_age_seconds = d.last_msg_age_seconds;
-        self.read_only = d.read_only;
-        self.synchronous_standby_names = d.synchronous_standby_names;
-        self.replicas = d.replicas;
         self.latency_ms = Some(d.latency.as_secs_f64() * 1000.0);
+        self.diagnosis = d;
         self.consecutive_failures = 0;
         self.last_error = None;
     }
@@ -130,11 +98,11 @@ impl NodeStatus {
     }
 
     pub fn lsn_value(&self) -> Option<u64> {
-        parse_lsn(self.lsn.as_deref()?)
+        parse_lsn(self.diagnosis.lsn.as_deref()?)
     }
 
     pub fn replay_lsn_value(&self) -> Option<u64> {
-        parse_lsn(self.replay_lsn.as_deref()?)
+        parse_lsn(self.diagnosis.replay_lsn.as_deref()?)
     }
 
     pub fn target(&self) -> ServerTarget {
@@ -253,20 +221,29 @@ impl ClusterView {
     }
 }
 
-/// What one diagnosis of a node found.
-#[derive(Debug, Clone, Default)]
+/// What one diagnosis of a node found. Serialized as part of `NodeStatus` (`/status`).
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct Diagnosis {
     pub role: Role,
     pub timeline: Option<u32>,
+    /// Primary: current WAL LSN; standby: last received LSN.
     pub lsn: Option<String>,
     pub replay_lsn: Option<String>,
     pub replay_paused: bool,
+    /// Standby: seconds since the last replayed transaction was committed on the primary.
     pub lag_seconds: Option<f64>,
+    /// Standby: `host:port` its WAL receiver streams from.
     pub upstream: Option<String>,
+    /// Standby: seconds since its WAL receiver last heard from the primary.
     pub last_msg_age_seconds: Option<f64>,
+    /// Primary: `default_transaction_read_only` is on (fenced or being switched over).
     pub read_only: bool,
+    /// Primary: its `synchronous_standby_names`.
     pub synchronous_standby_names: Option<String>,
+    /// Primary: who streams from it.
     pub replicas: Vec<Replica>,
+    /// How long the diagnosis took; `/status` shows it as the node's `latency_ms` instead.
+    #[serde(skip)]
     pub latency: Duration,
 }
 
@@ -519,5 +496,47 @@ mod tests {
         assert_eq!(parse_lsn("1/0"), Some(1 << 32));
         assert_eq!(format_lsn(0x1_0000_0010), "1/10");
         assert_eq!(parse_lsn("zz"), None);
+    }
+
+    #[test]
+    fn a_node_serializes_its_diagnosis_inline_without_latency() {
+        let mut node = NodeStatus::unknown("n0", "127.0.0.1", 5432);
+        node.record(Diagnosis {
+            role: Role::Standby,
+            latency: Duration::from_millis(2),
+            ..Diagnosis::default()
+        });
+        let value = serde_json::to_value(&node).unwrap_or_default();
+        let mut keys: Vec<&str> = value
+            .as_object()
+            .map(|o| o.keys().map(String::as_str).collect())
+            .unwrap_or_default();
+        keys.sort_unstable();
+        assert_eq!(
+            keys,
+            [
+                "consecutive_failures",
+                "healthy",
+                "host",
+                "lag_seconds",
+                "last_error",
+                "last_msg_age_seconds",
+                "latency_ms",
+                "lsn",
+                "name",
+                "port",
+                "quarantined",
+                "read_only",
+                "replay_lsn",
+                "replay_paused",
+                "replicas",
+                "role",
+                "synchronous_standby_names",
+                "timeline",
+                "upstream",
+            ]
+        );
+        assert_eq!(value["role"], "standby");
+        assert_eq!(value["latency_ms"], 2.0);
     }
 }

@@ -233,7 +233,7 @@ impl Controller {
                 Ok(d) => {
                     let latency = d.latency.as_secs_f64();
                     node.record(d);
-                    metrics::node_diagnosed(&node.name, true, node.role, None, latency);
+                    metrics::node_diagnosed(&node.name, true, node.diagnosis.role, None, latency);
                 }
                 Err(e) => {
                     if node.record_failure(e.clone()) {
@@ -247,7 +247,7 @@ impl Controller {
 
     /// A node serves writes: answers, is not in recovery, is not read-only.
     fn serves_writes(node: &NodeStatus) -> bool {
-        node.healthy && node.role == Role::Primary && !node.read_only
+        node.healthy && node.diagnosis.role == Role::Primary && !node.diagnosis.read_only
     }
 
     async fn decide(&mut self) {
@@ -268,8 +268,8 @@ impl Controller {
                 info!(node = %node.name, "primary serves writes again");
             }
             self.last_primary_lsn = node.lsn_value();
-            self.last_primary_timeline = node.timeline;
-            self.last_sync_names = node.synchronous_standby_names.clone();
+            self.last_primary_timeline = node.diagnosis.timeline;
+            self.last_sync_names = node.diagnosis.synchronous_standby_names.clone();
             self.primary_failures = 0;
             self.failing_since = None;
             if self.topology.primary != Some(p) {
@@ -286,7 +286,7 @@ impl Controller {
             node.last_error
                 .clone()
                 .unwrap_or_else(|| "no answer".into())
-        } else if node.role != Role::Primary {
+        } else if node.diagnosis.role != Role::Primary {
             "it is in recovery".into()
         } else {
             "it is read-only".into()
@@ -316,7 +316,7 @@ impl Controller {
         let Some(&first) = writable.iter().max_by_key(|&&i| {
             // Highest timeline first, then config order.
             (
-                self.topology.nodes[i].timeline.unwrap_or(0),
+                self.topology.nodes[i].diagnosis.timeline.unwrap_or(0),
                 std::cmp::Reverse(i),
             )
         }) else {
@@ -346,8 +346,8 @@ impl Controller {
         // The baseline a failover measures lag and synchronous guarantees against.
         let node = &self.topology.nodes[first];
         self.last_primary_lsn = node.lsn_value();
-        self.last_primary_timeline = node.timeline;
-        self.last_sync_names = node.synchronous_standby_names.clone();
+        self.last_primary_timeline = node.diagnosis.timeline;
+        self.last_sync_names = node.diagnosis.synchronous_standby_names.clone();
         info!(node = %name, epoch = self.state.epoch, "primary found");
         self.set_reason(None);
     }
@@ -365,11 +365,11 @@ impl Controller {
             .map(|(_, n)| format!("{}:{}", n.host, n.port))
             .collect();
         self.topology.nodes.iter().enumerate().find_map(|(i, n)| {
-            if i == old || !n.healthy || n.role != Role::Standby {
+            if i == old || !n.healthy || n.diagnosis.role != Role::Standby {
                 return None;
             }
-            let upstream = n.upstream.as_deref()?;
-            let age = n.last_msg_age_seconds?;
+            let upstream = n.diagnosis.upstream.as_deref()?;
+            let age = n.diagnosis.last_msg_age_seconds?;
             if others.iter().any(|o| o == upstream) || age >= since {
                 return None;
             }
@@ -465,7 +465,7 @@ impl Controller {
         let standbys: Vec<usize> = (0..self.topology.nodes.len())
             .filter(|&i| {
                 let n = &self.topology.nodes[i];
-                i != old && n.healthy && n.role == Role::Standby && !n.quarantined
+                i != old && n.healthy && n.diagnosis.role == Role::Standby && !n.quarantined
             })
             .collect();
         // Freeze: no standby follows the old primary any more, so LSNs stop moving.
@@ -496,11 +496,11 @@ impl Controller {
         let mut rejected = Vec::new();
         for &i in &standbys {
             let n = &self.topology.nodes[i];
-            if !n.healthy || n.role != Role::Standby {
+            if !n.healthy || n.diagnosis.role != Role::Standby {
                 rejected.push(format!("{} stopped answering", n.name));
                 continue;
             }
-            if let (Some(t), Some(old_t)) = (n.timeline, old_timeline) {
+            if let (Some(t), Some(old_t)) = (n.diagnosis.timeline, old_timeline) {
                 if t != old_t {
                     rejected.push(format!("{} is on timeline {t}, not {old_t}", n.name));
                     continue;
@@ -732,7 +732,12 @@ impl Controller {
         let primary = self.topology.nodes[new].clone();
         for i in 0..self.topology.nodes.len() {
             let n = &self.topology.nodes[i];
-            if i == new || i == old || !n.healthy || n.role != Role::Standby || n.quarantined {
+            if i == new
+                || i == old
+                || !n.healthy
+                || n.diagnosis.role != Role::Standby
+                || n.quarantined
+            {
                 continue;
             }
             let name = n.name.clone();
@@ -785,7 +790,7 @@ impl Controller {
             if !n.quarantined || !n.healthy {
                 continue;
             }
-            if n.role == Role::Primary && !n.read_only {
+            if n.diagnosis.role == Role::Primary && !n.diagnosis.read_only {
                 let sql = "ALTER SYSTEM SET default_transaction_read_only = on; SELECT pg_reload_conf(); \
                            SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
                            WHERE backend_type = 'client backend' AND pid <> pg_backend_pid();";
@@ -800,7 +805,9 @@ impl Controller {
                 self.fences.cut(&n.host, n.port);
             }
             let expected = format!("{}:{}", primary.host, primary.port);
-            if n.role == Role::Standby && n.upstream.as_deref() == Some(expected.as_str()) {
+            if n.diagnosis.role == Role::Standby
+                && n.diagnosis.upstream.as_deref() == Some(expected.as_str())
+            {
                 self.state.quarantined.retain(|q| q != &n.name);
                 if let Err(e) = self.coord.publish(&self.state).await {
                     warn!(node = %n.name, error = %e, "cannot record the rejoin");
@@ -911,11 +918,11 @@ impl Controller {
             return Err(format!("{to} is already the primary"));
         }
         let t = &self.topology.nodes[target];
-        if !t.healthy || t.role != Role::Standby || t.quarantined {
+        if !t.healthy || t.diagnosis.role != Role::Standby || t.quarantined {
             return Err(format!("{to} is not a healthy standby"));
         }
         let old_name = self.topology.nodes[old].name.clone();
-        let old_timeline = self.topology.nodes[old].timeline;
+        let old_timeline = self.topology.nodes[old].diagnosis.timeline;
         info!(from = %old_name, to = %to, "switchover requested");
 
         self.topology.primary = None;

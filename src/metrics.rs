@@ -727,7 +727,7 @@ pub fn node_lag(topology: &Topology, index: usize) -> (Option<u64>, Option<u64>)
     let primary_lsn = topology
         .primary
         .and_then(|p| topology.nodes.get(p))
-        .and_then(|p| p.lsn.as_deref())
+        .and_then(|p| p.diagnosis.lsn.as_deref())
         .and_then(parse_lsn);
     let behind = |lsn: Option<&str>| {
         let primary = primary_lsn?;
@@ -737,8 +737,8 @@ pub fn node_lag(topology: &Topology, index: usize) -> (Option<u64>, Option<u64>)
         return (None, None);
     }
     (
-        behind(node.lsn.as_deref()),
-        behind(node.replay_lsn.as_deref()),
+        behind(node.diagnosis.lsn.as_deref()),
+        behind(node.diagnosis.replay_lsn.as_deref()),
     )
 }
 
@@ -777,12 +777,12 @@ pub fn refresh(proxy: &Proxy, topology: &Topology) {
         set_role(
             name,
             if node.healthy {
-                node.role
+                node.diagnosis.role
             } else {
                 Role::Unknown
             },
         );
-        if let Some(tl) = node.timeline {
+        if let Some(tl) = node.diagnosis.timeline {
             gauge!(NODE_TIMELINE, "node" => name.to_string()).set(f64::from(tl));
         }
         gauge!(NODE_CONSECUTIVE_FAILURES, "node" => name.to_string())
@@ -803,7 +803,7 @@ pub fn refresh(proxy: &Proxy, topology: &Topology) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cluster::NodeStatus;
+    use crate::cluster::{Diagnosis, NodeStatus};
 
     #[test]
     fn names_follow_prometheus_conventions() {
@@ -883,11 +883,14 @@ mod tests {
             name: name.into(),
             host: "127.0.0.1".into(),
             port: 5432,
-            role,
+            diagnosis: Diagnosis {
+                role,
+                timeline: Some(1),
+                lsn: lsn.map(Into::into),
+                replay_lsn: replay.map(Into::into),
+                ..Diagnosis::default()
+            },
             healthy,
-            timeline: Some(1),
-            lsn: lsn.map(Into::into),
-            replay_lsn: replay.map(Into::into),
             latency_ms: Some(1.5),
             consecutive_failures: 0,
             last_error: None,

@@ -796,7 +796,7 @@ async fn wait_all_healthy_now(env: &TestEnv) {
             let bad: Vec<String> = t
                 .nodes
                 .iter()
-                .filter(|n| !n.healthy || n.role == Role::Unknown)
+                .filter(|n| !n.healthy || n.diagnosis.role == Role::Unknown)
                 .map(|n| format!("{} ({:?})", n.name, n.last_error))
                 .collect();
             if t.primary == Some(0) && bad.is_empty() {
@@ -842,7 +842,7 @@ async fn watch_rejoin(
         }
         let proxy_view = format!(
             "pgswitch: {} {}{}",
-            ns.role,
+            ns.diagnosis.role,
             if ns.healthy { "healthy" } else { "down" },
             if ns.quarantined { ", quarantined" } else { "" }
         );
@@ -852,7 +852,7 @@ async fn watch_rejoin(
             last = line;
         }
         let streams = state == format!("standby streaming from port {}", primary.port);
-        if streams && !ns.quarantined && ns.healthy && ns.role == Role::Standby {
+        if streams && !ns.quarantined && ns.healthy && ns.diagnosis.role == Role::Standby {
             return seen;
         }
         if Instant::now() >= deadline {
