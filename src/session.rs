@@ -1137,6 +1137,9 @@ impl Relay {
         statements: &mut ClientStatements,
     ) -> Poll<RelayEvent> {
         loop {
+            // Progress is what was read or framed: writing comes first in each round, so the
+            // reads after it already see the room it made, and a round that only wrote needs no
+            // other.
             let mut progress = false;
             if let Some(conn) = server.as_deref_mut() {
                 while !self.to_server.is_empty() {
@@ -1146,7 +1149,7 @@ impl Relay {
                                 io::ErrorKind::WriteZero.into(),
                             ))
                         }
-                        Poll::Ready(Ok(_)) => progress = true,
+                        Poll::Ready(Ok(_)) => {}
                         Poll::Ready(Err(e)) => return Poll::Ready(RelayEvent::ServerGone(e)),
                         Poll::Pending => break,
                     }
@@ -1157,7 +1160,7 @@ impl Relay {
                     Poll::Ready(Ok(0)) => {
                         return Poll::Ready(RelayEvent::ClientGone(io::ErrorKind::WriteZero.into()))
                     }
-                    Poll::Ready(Ok(_)) => progress = true,
+                    Poll::Ready(Ok(_)) => {}
                     Poll::Ready(Err(e)) => return Poll::Ready(RelayEvent::ClientGone(e)),
                     Poll::Pending => break,
                 }
