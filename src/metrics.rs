@@ -7,9 +7,10 @@
 //!
 //! Two kinds of metrics:
 //! - Events (counters, histograms) are recorded by the data path and the control plane through
-//!   the small typed functions below (`query_finished`, `failover`, ...). On the hottest paths,
-//!   keep a [`PoolMetrics`] per pool: it holds registered handles, so recording is one atomic
-//!   operation with no lookup and no allocation.
+//!   the small typed functions below (`failover`, ...). The per-transaction latency histograms
+//!   (query, transaction, pool wait) live in a [`PoolMetrics`] per pool: fixed buckets in
+//!   atomics, recorded with no lookup, no allocation and no queue, and written out by
+//!   [`render`] after the exporter's text.
 //! - State (pool sizes, client counts, node up/role/lag, epoch, paused) is read from the `Proxy`
 //!   and the `Topology` by [`refresh`] when `/metrics` is scraped, so the data path pays nothing
 //!   for it.
@@ -17,9 +18,11 @@
 //! The Prometheus recorder is installed once per process by [`install`] (called by
 //! `server::start`, and implicitly by every recording function, so nothing recorded is lost).
 
-use std::sync::OnceLock;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
-use ::metrics::{counter, gauge, histogram, Counter, Histogram, Unit};
+use ::metrics::{counter, gauge, histogram, Counter, Unit};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tracing::warn;
 
@@ -490,7 +493,9 @@ fn seed() {
 
 /// The current metrics in the Prometheus text format. Also drains recorded histogram samples.
 pub fn render() -> String {
-    install().render()
+    let mut text = install().render();
+    render_pool_histograms(&mut text);
+    text
 }
 
 /// Folds histogram samples into their buckets; run it periodically so memory stays bounded
@@ -528,36 +533,145 @@ fn ready() {
 // ---------------------------------------------------------------------------------------------
 // Per-pool handles for the data path.
 
-/// Registered handles of one pool's series. Create one per pool (`PoolMetrics::new(&key.to_string())`)
-/// and keep it: recording is then one atomic operation.
+/// One pool's latency histograms. Recorded on every transaction, so they are kept here in
+/// atomics with fixed buckets (a bucket search and three relaxed additions per sample) rather
+/// than in the exporter, whose histograms queue every sample until the next scrape; `render`
+/// writes them next to the exporter's text.
 #[derive(Clone)]
 pub struct PoolMetrics {
-    query: Histogram,
-    transaction: Histogram,
-    wait: Histogram,
+    histograms: Arc<PoolHistograms>,
+}
+
+struct PoolHistograms {
+    query: AtomicHistogram,
+    transaction: AtomicHistogram,
+    wait: AtomicHistogram,
+}
+
+/// Every pool's histograms, by pool name (pools are never removed).
+static POOL_HISTOGRAMS: Mutex<BTreeMap<String, Arc<PoolHistograms>>> = Mutex::new(BTreeMap::new());
+
+fn pool_histograms() -> MutexGuard<'static, BTreeMap<String, Arc<PoolHistograms>>> {
+    POOL_HISTOGRAMS.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl PoolMetrics {
-    /// `pool` is the pool's `user/database`.
+    /// `pool` is the pool's `user/database`; the same name gives the same series.
     pub fn new(pool: &str) -> PoolMetrics {
-        ready();
-        PoolMetrics {
-            query: histogram!(QUERY_DURATION, "pool" => pool.to_string()),
-            transaction: histogram!(TRANSACTION_DURATION, "pool" => pool.to_string()),
-            wait: histogram!(POOL_WAIT, "pool" => pool.to_string()),
+        let histograms = pool_histograms()
+            .entry(pool.to_string())
+            .or_insert_with(|| {
+                Arc::new(PoolHistograms {
+                    query: AtomicHistogram::new(LATENCY_BUCKETS),
+                    transaction: AtomicHistogram::new(LATENCY_BUCKETS),
+                    wait: AtomicHistogram::new(WAIT_BUCKETS),
+                })
+            })
+            .clone();
+        PoolMetrics { histograms }
+    }
+
+    /// A query finished (ReadyForQuery after it).
+    pub fn query_finished(&self, seconds: f64) {
+        self.histograms.query.record(seconds);
+    }
+
+    /// A transaction finished (committed, rolled back, or an implicit single-statement one).
+    pub fn transaction_finished(&self, seconds: f64) {
+        self.histograms.transaction.record(seconds);
+    }
+
+    /// A client got a server connection after waiting `seconds`.
+    pub fn pool_wait(&self, seconds: f64) {
+        self.histograms.wait.record(seconds);
+    }
+}
+
+/// A Prometheus histogram with fixed buckets.
+struct AtomicHistogram {
+    bounds: &'static [f64],
+    /// Samples per bucket (not cumulative); the last one is `+Inf`.
+    buckets: Box<[AtomicU64]>,
+    count: AtomicU64,
+    sum_nanos: AtomicU64,
+}
+
+impl AtomicHistogram {
+    fn new(bounds: &'static [f64]) -> AtomicHistogram {
+        AtomicHistogram {
+            bounds,
+            buckets: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
+            count: AtomicU64::new(0),
+            sum_nanos: AtomicU64::new(0),
         }
     }
 
-    pub fn query_finished(&self, seconds: f64) {
-        self.query.record(seconds);
+    fn record(&self, seconds: f64) {
+        let seconds = seconds.max(0.0);
+        let bucket = self.bounds.partition_point(|&le| le < seconds);
+        if let Some(b) = self.buckets.get(bucket) {
+            b.fetch_add(1, Ordering::Relaxed);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_nanos
+            .fetch_add((seconds * 1e9) as u64, Ordering::Relaxed);
     }
 
-    pub fn transaction_finished(&self, seconds: f64) {
-        self.transaction.record(seconds);
+    /// The series of one labelled histogram, in the text format.
+    fn render(&self, name: &str, pool: &str, out: &mut String) {
+        use std::fmt::Write as _;
+        let pool = escape_label(pool);
+        let mut cumulative = 0;
+        for (i, b) in self.buckets.iter().enumerate() {
+            cumulative += b.load(Ordering::Relaxed);
+            let le = self
+                .bounds
+                .get(i)
+                .map_or_else(|| "+Inf".to_string(), |v| v.to_string());
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{pool=\"{pool}\",le=\"{le}\"}} {cumulative}"
+            );
+        }
+        let sum = self.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
+        let _ = writeln!(out, "{name}_sum{{pool=\"{pool}\"}} {sum}");
+        let _ = writeln!(out, "{name}_count{{pool=\"{pool}\"}} {cumulative}");
     }
+}
 
-    pub fn pool_wait(&self, seconds: f64) {
-        self.wait.record(seconds);
+/// A label value as the text format wants it.
+fn escape_label(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// Appends the pools' latency histograms (the exporter never sees them).
+fn render_pool_histograms(out: &mut String) {
+    let pools: Vec<(String, Arc<PoolHistograms>)> = pool_histograms()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    if pools.is_empty() {
+        return;
+    }
+    type Pick = fn(&PoolHistograms) -> &AtomicHistogram;
+    let families: [(&str, Pick); 3] = [
+        (POOL_WAIT, |h| &h.wait),
+        (QUERY_DURATION, |h| &h.query),
+        (TRANSACTION_DURATION, |h| &h.transaction),
+    ];
+    for (name, pick) in families {
+        let help = CATALOG
+            .iter()
+            .find(|m| m.name == name)
+            .map_or("", |m| m.help);
+        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} histogram\n"));
+        for (pool, h) in &pools {
+            pick(h).render(name, pool, out);
+        }
+        out.push('\n');
     }
 }
 
@@ -578,25 +692,6 @@ pub fn client_disconnected() {
 pub fn client_login_failed(reason: LoginFailure) {
     ready();
     counter!(CLIENT_LOGIN_FAILURES, "reason" => reason.as_str()).increment(1);
-}
-
-/// A query finished (ReadyForQuery after it). `pool` is `user/database`; on hot paths prefer
-/// [`PoolMetrics::query_finished`].
-pub fn query_finished(pool: &str, seconds: f64) {
-    ready();
-    histogram!(QUERY_DURATION, "pool" => pool.to_string()).record(seconds);
-}
-
-/// A transaction finished (committed, rolled back, or an implicit single-statement one).
-pub fn transaction_finished(pool: &str, seconds: f64) {
-    ready();
-    histogram!(TRANSACTION_DURATION, "pool" => pool.to_string()).record(seconds);
-}
-
-/// A client got a server connection after waiting `seconds`.
-pub fn pool_wait(pool: &str, seconds: f64) {
-    ready();
-    histogram!(POOL_WAIT, "pool" => pool.to_string()).record(seconds);
 }
 
 /// A client got no server connection.
@@ -955,9 +1050,10 @@ mod tests {
         client_connected();
         client_disconnected();
         client_login_failed(LoginFailure::Auth);
-        query_finished(pool, 0.002);
-        transaction_finished(pool, 0.004);
-        pool_wait(pool, 0.0001);
+        let first = PoolMetrics::new(pool);
+        first.query_finished(0.002);
+        first.transaction_finished(0.004);
+        first.pool_wait(0.0001);
         pool_acquire_failed(pool, AcquireFailure::Timeout);
         let pm = PoolMetrics::new(pool);
         pm.query_finished(0.003);
