@@ -312,8 +312,7 @@ impl ServerConn {
                     client.finish(body.data())?;
                 }
                 Message::ParameterStatus(body) => {
-                    self.params
-                        .insert(body.name()?.to_string(), body.value()?.to_string());
+                    self.param_reported(body.name()?, body.value()?);
                 }
                 Message::BackendKeyData(body) => {
                     self.backend_pid = body.process_id() as u32;

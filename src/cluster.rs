@@ -258,6 +258,16 @@ pub fn parse_lsn(lsn: &str) -> Option<u64> {
     Some((hi << 32) | lo)
 }
 
+/// The LSN in text column `i` of a control query's row; `None` for NULL, a missing column or
+/// text that is not an LSN.
+pub fn lsn_column(row: &tokio_postgres::Row, i: usize) -> Option<u64> {
+    row.try_get::<_, Option<String>>(i)
+        .ok()
+        .flatten()
+        .as_deref()
+        .and_then(parse_lsn)
+}
+
 pub fn format_lsn(lsn: u64) -> String {
     format!("{:X}/{:X}", lsn >> 32, lsn & 0xffff_ffff)
 }
@@ -348,13 +358,8 @@ impl ControlConn {
             }
             Ok(())
         };
-        let r = tokio::time::timeout(timeout, result)
-            .await
-            .unwrap_or_else(|_| Err(format!("no answer within {} ms", timeout.as_millis())));
-        if r.is_err() {
-            self.client = None;
-        }
-        r
+        let outcome = tokio::time::timeout(timeout, result).await;
+        self.settle(outcome, timeout)
     }
 
     /// Runs a query returning one row of text-able columns within `timeout`.
@@ -368,13 +373,8 @@ impl ControlConn {
             let client = self.client(config, timeout).await?;
             client.query_one(sql, &[]).await.map_err(|e| describe(&e))
         };
-        let r = tokio::time::timeout(timeout, result)
-            .await
-            .unwrap_or_else(|_| Err(format!("no answer within {} ms", timeout.as_millis())));
-        if r.is_err() {
-            self.client = None;
-        }
-        r
+        let outcome = tokio::time::timeout(timeout, result).await;
+        self.settle(outcome, timeout)
     }
 
     /// One diagnosis: role, timeline, LSNs, replication state.
@@ -428,11 +428,21 @@ impl ControlConn {
             d.latency = started.elapsed();
             Ok(d)
         };
-        let r = tokio::time::timeout(timeout, work)
-            .await
-            .unwrap_or_else(|_| Err(format!("no answer within {} ms", timeout.as_millis())));
+        let outcome = tokio::time::timeout(timeout, work).await;
+        self.settle(outcome, timeout)
+    }
+
+    /// The result of a request bounded by `timeout`. After any failure the connection is
+    /// dropped, so the next request opens a fresh one: a connection that timed out may be stuck
+    /// behind a hung server.
+    fn settle<T>(
+        &mut self,
+        outcome: Result<Result<T, String>, tokio::time::error::Elapsed>,
+        timeout: Duration,
+    ) -> Result<T, String> {
+        let r =
+            outcome.unwrap_or_else(|_| Err(format!("no answer within {} ms", timeout.as_millis())));
         if r.is_err() {
-            // A connection that timed out may be stuck behind a hung server.
             self.client = None;
         }
         r

@@ -16,7 +16,9 @@ use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tracing::{error, info, warn};
 
 use crate::backend::{quote_literal, Fences};
-use crate::cluster::{format_lsn, parse_lsn, ClusterView, ControlConn, NodeStatus, Role, Topology};
+use crate::cluster::{
+    format_lsn, lsn_column, ClusterView, ControlConn, NodeStatus, Role, Topology,
+};
 use crate::config::Config;
 use crate::coord::{ClusterState, Coordinator};
 use crate::metrics::{self, FailoverMode, FailoverPhase, FailoverResult};
@@ -610,14 +612,8 @@ impl Controller {
                 )
                 .await
                 .map_err(PromoteError::NotPromoted)?;
-            let received = row
-                .get::<_, Option<String>>(0)
-                .as_deref()
-                .and_then(parse_lsn);
-            let replayed = row
-                .get::<_, Option<String>>(1)
-                .as_deref()
-                .and_then(parse_lsn);
+            let received = lsn_column(&row, 0);
+            let replayed = lsn_column(&row, 1);
             let paused: bool = row.get(2);
             if received.is_none() || replayed >= received {
                 break;
@@ -999,22 +995,14 @@ impl Controller {
         let row = self.conns[old]
             .query_one(&config, "SELECT pg_current_wal_lsn()::text", timeout)
             .await?;
-        let last = row
-            .get::<_, Option<String>>(0)
-            .as_deref()
-            .and_then(parse_lsn)
-            .unwrap_or(0);
+        let last = lsn_column(&row, 0).unwrap_or(0);
         info!(lsn = %format_lsn(last), "old primary is read-only; waiting for the target to replay up to its last LSN");
         let deadline = Instant::now() + CATCH_UP;
         loop {
             let row = self.conns[target]
                 .query_one(&config, "SELECT pg_last_wal_replay_lsn()::text", timeout)
                 .await?;
-            let replayed = row
-                .get::<_, Option<String>>(0)
-                .as_deref()
-                .and_then(parse_lsn)
-                .unwrap_or(0);
+            let replayed = lsn_column(&row, 0).unwrap_or(0);
             if replayed >= last {
                 break;
             }

@@ -822,19 +822,12 @@ pub fn node_lag(topology: &Topology, index: usize) -> (Option<u64>, Option<u64>)
     let primary_lsn = topology
         .primary
         .and_then(|p| topology.nodes.get(p))
-        .and_then(|p| p.diagnosis.lsn.as_deref())
-        .and_then(parse_lsn);
-    let behind = |lsn: Option<&str>| {
-        let primary = primary_lsn?;
-        Some(primary.saturating_sub(parse_lsn(lsn?)?))
-    };
+        .and_then(|p| p.lsn_value());
+    let behind = |lsn: Option<u64>| Some(primary_lsn?.saturating_sub(lsn?));
     if !node.healthy {
         return (None, None);
     }
-    (
-        behind(node.diagnosis.lsn.as_deref()),
-        behind(node.diagnosis.replay_lsn.as_deref()),
-    )
+    (behind(node.lsn_value()), behind(node.replay_lsn_value()))
 }
 
 /// Sets the state gauges from the proxy and the topology; called when `/metrics` is scraped.
