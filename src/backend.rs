@@ -19,6 +19,7 @@ use postgres_protocol::message::frontend;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
+use crate::cancel::CancelTarget;
 use crate::config::ServerTlsMode;
 use crate::params::ParamSet;
 use crate::prepared::ServerStatements;
@@ -162,9 +163,9 @@ pub struct ServerConn {
     pub id: u64,
     pub target: ServerTarget,
     pub stream: Stream,
-    /// The server's BackendKeyData, for cancel requests.
-    pub backend_pid: u32,
-    pub backend_secret: u32,
+    /// Where a cancel for this connection goes: its host and BackendKeyData (shared with the
+    /// cancel slot of the client using it, so attaching copies no string).
+    pub cancel: Arc<CancelTarget>,
     /// Values the server reported with ParameterStatus.
     pub params: BTreeMap<String, String>,
     /// Values pgswitch set on this connection that the server does not report.
@@ -236,8 +237,12 @@ impl ServerConn {
             id,
             target: target.clone(),
             stream,
-            backend_pid: 0,
-            backend_secret: 0,
+            cancel: Arc::new(CancelTarget {
+                host: target.host.clone(),
+                port: target.port,
+                pid: 0,
+                secret: 0,
+            }),
             params: BTreeMap::new(),
             applied: BTreeMap::new(),
             pending: BytesMut::new(),
@@ -315,8 +320,12 @@ impl ServerConn {
                     self.param_reported(body.name()?, body.value()?);
                 }
                 Message::BackendKeyData(body) => {
-                    self.backend_pid = body.process_id() as u32;
-                    self.backend_secret = body.secret_key() as u32;
+                    self.cancel = Arc::new(CancelTarget {
+                        host: self.target.host.clone(),
+                        port: self.target.port,
+                        pid: body.process_id() as u32,
+                        secret: body.secret_key() as u32,
+                    });
                 }
                 Message::ReadyForQuery(_) => {
                     self.pending = buf;
@@ -500,6 +509,10 @@ impl ServerConn {
             return true;
         }
         let mut probe = [0u8; 1];
+        if let Stream::Plain(tcp) = &self.stream {
+            // Known-unreadable sockets answer without a system call or a waker registration.
+            return !matches!(tcp.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock);
+        }
         let mut read_buf = ReadBuf::new(&mut probe);
         let mut cx = Context::from_waker(std::task::Waker::noop());
         Pin::new(&mut self.stream)

@@ -27,10 +27,14 @@ pub fn take() -> BytesMut {
 
 /// Gives `buf` back for reuse (if it is empty and of the usual size) and leaves an empty,
 /// unallocated buffer in its place.
+#[inline]
 pub fn give(buf: &mut BytesMut) {
-    if buf.capacity() == 0 || !buf.is_empty() {
-        return;
+    if buf.capacity() != 0 && buf.is_empty() {
+        keep(buf);
     }
+}
+
+fn keep(buf: &mut BytesMut) {
     let mut buf = std::mem::take(buf);
     // An empty buffer whose start moved forward gets its whole allocation back here, without
     // allocating; one that is not of the usual size is freed.

@@ -21,19 +21,20 @@ pub struct CancelTarget {
 /// Where a client's cancel goes now; updated when the client attaches or releases a server.
 #[derive(Debug, Default)]
 pub struct CancelSlot {
-    target: Mutex<Option<CancelTarget>>,
+    target: Mutex<Option<Arc<CancelTarget>>>,
 }
 
 impl CancelSlot {
-    fn lock(&self) -> MutexGuard<'_, Option<CancelTarget>> {
+    fn lock(&self) -> MutexGuard<'_, Option<Arc<CancelTarget>>> {
         self.target.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn set(&self, target: Option<CancelTarget>) {
-        *self.lock() = target;
+    pub fn set(&self, target: Option<Arc<CancelTarget>>) {
+        // The old target is dropped after the lock is released.
+        let _old = std::mem::replace(&mut *self.lock(), target);
     }
 
-    pub fn get(&self) -> Option<CancelTarget> {
+    pub fn get(&self) -> Option<Arc<CancelTarget>> {
         self.lock().clone()
     }
 }

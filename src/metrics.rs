@@ -470,9 +470,6 @@ fn seed() {
     for reason in LoginFailure::ALL {
         counter!(CLIENT_LOGIN_FAILURES, "reason" => reason.as_str()).increment(0);
     }
-    for direction in Direction::ALL {
-        counter!(RELAYED_BYTES, "direction" => direction.as_str()).increment(0);
-    }
     for kind in Hazard::ALL {
         counter!(SESSION_STATE_HAZARDS, "kind" => kind.as_str()).increment(0);
     }
@@ -494,6 +491,7 @@ fn seed() {
 /// The current metrics in the Prometheus text format. Also drains recorded histogram samples.
 pub fn render() -> String {
     let mut text = install().render();
+    render_relayed_bytes(&mut text);
     render_pool_histograms(&mut text);
     text
 }
@@ -508,8 +506,6 @@ pub fn run_upkeep() {
 struct Hot {
     client_opened: Counter,
     client_closed: Counter,
-    client_to_server: Counter,
-    server_to_client: Counter,
 }
 
 fn hot() -> &'static Hot {
@@ -519,8 +515,6 @@ fn hot() -> &'static Hot {
         Hot {
             client_opened: counter!(CLIENT_CONNECTIONS_OPENED),
             client_closed: counter!(CLIENT_CONNECTIONS_CLOSED),
-            client_to_server: counter!(RELAYED_BYTES, "direction" => Direction::ClientToServer.as_str()),
-            server_to_client: counter!(RELAYED_BYTES, "direction" => Direction::ServerToClient.as_str()),
         }
     })
 }
@@ -703,11 +697,32 @@ pub fn pool_acquire_failed(pool: &str, reason: AcquireFailure) {
 
 /// `n` bytes were relayed in `direction`.
 pub fn bytes_relayed(direction: Direction, n: u64) {
-    let hot = hot();
-    match direction {
-        Direction::ClientToServer => hot.client_to_server.increment(n),
-        Direction::ServerToClient => hot.server_to_client.increment(n),
+    RELAYED[direction as usize].fetch_add(n, Ordering::Relaxed);
+}
+
+/// Bytes relayed by direction (`Direction as usize`): two plain atomics on the path of every
+/// read, rendered by `render` like the pool histograms.
+static RELAYED: [AtomicU64; 2] = [AtomicU64::new(0), AtomicU64::new(0)];
+
+fn render_relayed_bytes(out: &mut String) {
+    use std::fmt::Write as _;
+    let help = CATALOG
+        .iter()
+        .find(|m| m.name == RELAYED_BYTES)
+        .map_or("", |m| m.help);
+    let _ = writeln!(
+        out,
+        "# HELP {RELAYED_BYTES} {help}\n# TYPE {RELAYED_BYTES} counter"
+    );
+    for direction in Direction::ALL {
+        let n = RELAYED[direction as usize].load(Ordering::Relaxed);
+        let _ = writeln!(
+            out,
+            "{RELAYED_BYTES}{{direction=\"{}\"}} {n}",
+            direction.as_str()
+        );
     }
+    out.push('\n');
 }
 
 pub fn server_connection_opened(node: &str) {

@@ -241,6 +241,11 @@ impl Tracker {
         self.queue.clear();
     }
 
+    /// An answer pgswitch writes itself is due now.
+    pub fn has_injects(&self) -> bool {
+        matches!(self.queue.front(), Some(Pending::Inject(_)))
+    }
+
     /// Writes answers that are due now (nothing before them is outstanding) into `out`.
     pub fn drain_injects(&mut self, out: &mut BytesMut) {
         while let Some(Pending::Inject(tag)) = self.queue.front() {

@@ -115,13 +115,21 @@ impl ClientSession {
             let flow = match end {
                 RelayEvent::NeedServer => match s.attach_now() {
                     Some(flow) => flow,
-                    None => Box::pin(s.attach_waiting()).await,
+                    None => {
+                        // Waiting reads the client outside the relay.
+                        s.relay.client_armed = false;
+                        Box::pin(s.attach_waiting()).await
+                    }
                 },
                 RelayEvent::ServerIdle => {
                     s.release_server();
                     Flow::Continue
                 }
-                other => Box::pin(s.on_event(other)).await,
+                other => {
+                    s.relay.client_armed = false;
+                    s.relay.server_armed = false;
+                    Box::pin(s.on_event(other)).await
+                }
             };
             if flow == Flow::End {
                 break;
@@ -274,6 +282,7 @@ impl Session {
     }
 
     fn attached(&mut self, mut server: PooledServer) {
+        self.relay.server_armed = false;
         self.relay.lend_buffers(&mut server.conn);
         self.cancel.slot.set(Some(cancel_target(&server.conn)));
         self.relay.answered = false;
@@ -510,13 +519,8 @@ fn pool_for(proxy: &Proxy, user: &str, database: &str) -> Arc<Pool> {
     )
 }
 
-fn cancel_target(conn: &ServerConn) -> CancelTarget {
-    CancelTarget {
-        host: conn.target.host.clone(),
-        port: conn.target.port,
-        pid: conn.backend_pid,
-        secret: conn.backend_secret,
-    }
+fn cancel_target(conn: &ServerConn) -> Arc<CancelTarget> {
+    conn.cancel.clone()
 }
 
 /// Cancels whatever the server runs, then closes it.
@@ -638,6 +642,10 @@ struct Relay {
     transaction_started: Option<Instant>,
     /// Since the last Sync, everything was answered by pgswitch without a server.
     local_batch: bool,
+    /// The task's waker is registered for the client's (server's) readability and nothing
+    /// was read since: a cheap readiness check replaces the next read attempt.
+    client_armed: bool,
+    server_armed: bool,
 }
 
 impl Relay {
@@ -647,6 +655,8 @@ impl Relay {
             request_started: None,
             transaction_started: None,
             local_batch: false,
+            client_armed: false,
+            server_armed: false,
             server_fatal: None,
             mode,
             client_in: BytesMut::new(),
@@ -957,6 +967,9 @@ impl Relay {
         statements: &mut ClientStatements,
     ) -> Result<bool, WireError> {
         let mut progress = false;
+        // `server_in[..run]` holds whole messages that go to the client as they are: they are
+        // copied in one piece when something else has to happen, or at the end.
+        let mut run = 0;
         loop {
             if let Some(m) = &mut self.server_msg {
                 let n = m.remaining.min(self.server_in.len());
@@ -973,26 +986,26 @@ impl Relay {
                 progress = true;
                 continue;
             }
-            if self.server_in.len() < 5 {
+            let rest = &self.server_in[run..];
+            if rest.len() < 5 {
                 break;
             }
-            let tag = self.server_in[0];
-            let len = u32::from_be_bytes([
-                self.server_in[1],
-                self.server_in[2],
-                self.server_in[3],
-                self.server_in[4],
-            ]);
+            let tag = rest[0];
+            let len = u32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]);
             if len < 4 {
                 return Err(WireError::BadLength(len));
             }
             let body = (len - 4) as usize;
-            let whole = matches!(tag, b'Z' | b'S' | b'1' | b'3')
+            let complete = rest.len() >= 5 + body;
+            let inspected = matches!(tag, b'Z' | b'S' | b'1' | b'3')
                 || (tag == b'C' && body < 1024)
                 || (tag == b'E' && body < 8192);
-            if whole && self.server_in.len() < 5 + body {
-                self.server_in.reserve(5 + body - self.server_in.len());
-                break;
+            if !complete {
+                self.flush_run(&mut run);
+                if inspected {
+                    self.server_in.reserve(5 + body - self.server_in.len());
+                    break;
+                }
             }
             let mut verdict = if self.rewrites() {
                 self.tracker.on_server_message(tag, &mut conn.statements)
@@ -1000,7 +1013,8 @@ impl Relay {
                 Verdict::Forward
             };
             progress = true;
-            if !whole {
+            if !complete {
+                // Too big to wait for (rows, COPY data): streamed through as it arrives.
                 self.to_client.extend_from_slice(&self.server_in[..5]);
                 self.server_in.advance(5);
                 if body > 0 {
@@ -1013,10 +1027,10 @@ impl Relay {
                 }
                 continue;
             }
-            let end = 5 + body;
+            let msg = run..run + 5 + body;
             match tag {
                 b'Z' if body == 1 => {
-                    self.server_status = self.server_in[5];
+                    self.server_status = self.server_in[run + 5];
                     self.awaiting_ready = self.awaiting_ready.saturating_sub(1);
                     self.answered = true;
                     if self.awaiting_ready == 0 {
@@ -1025,11 +1039,11 @@ impl Relay {
                     }
                 }
                 b'S' => {
-                    let body = self.server_in[5..end].to_vec();
+                    let body = self.server_in[run + 5..msg.end].to_vec();
                     self.track_parameter(conn, &body);
                 }
                 b'E' => {
-                    if let Some(code) = fatal_code(&self.server_in[5..end]) {
+                    if let Some(code) = fatal_code(&self.server_in[run + 5..msg.end]) {
                         // A server going away (shutdown, crash, failover)
                         // is not the client's end: pgswitch answers for it (08006, or a move to the new primary).
                         if code.starts_with("57P") {
@@ -1039,7 +1053,7 @@ impl Relay {
                     }
                 }
                 b'C' => {
-                    let command = &self.server_in[5..end];
+                    let command = &self.server_in[run + 5..msg.end];
                     if command.starts_with(b"DISCARD ALL") || command.starts_with(b"DEALLOCATE ALL")
                     {
                         conn.statements.clear();
@@ -1049,13 +1063,29 @@ impl Relay {
                 }
                 _ => {}
             }
-            if verdict == Verdict::Forward {
-                self.to_client.extend_from_slice(&self.server_in[..end]);
+            let forward = verdict == Verdict::Forward;
+            if forward {
+                run = msg.end;
             }
-            self.server_in.advance(end);
-            self.tracker.drain_injects(&mut self.to_client);
+            if !forward || self.tracker.has_injects() {
+                self.flush_run(&mut run);
+                if !forward {
+                    self.server_in.advance(msg.len());
+                }
+                self.tracker.drain_injects(&mut self.to_client);
+            }
         }
+        self.flush_run(&mut run);
         Ok(progress)
+    }
+
+    /// Copies the whole messages at the start of `server_in` that go to the client as they are.
+    fn flush_run(&mut self, run: &mut usize) {
+        if *run > 0 {
+            self.to_client.extend_from_slice(&self.server_in[..*run]);
+            self.server_in.advance(*run);
+            *run = 0;
+        }
     }
 
     /// A ParameterStatus from the server: the server's value changed, and if it is one the
@@ -1177,17 +1207,24 @@ impl Relay {
                 if server.is_none() && self.client_in.is_empty() && self.to_client.is_empty() {
                     self.shrink_idle_buffers();
                 }
-                let ready = if self.client_in.capacity() == 0 {
-                    let ready = client.poll_read_ready(cx).is_ready();
-                    if ready {
-                        self.client_in = buffers::take();
+                let hint = read_hint(client, &mut self.client_armed);
+                let ready = match hint {
+                    ReadHint::Unreadable => false,
+                    _ if self.client_in.capacity() > 0 => true,
+                    ReadHint::Readable => true,
+                    ReadHint::Unknown => {
+                        let ready = client.poll_read_ready(cx);
+                        self.client_armed = armed_by(&ready, client);
+                        ready.is_ready()
                     }
-                    ready
-                } else {
-                    true
                 };
                 if ready {
-                    match poll_read_more(&mut self.client_in, CLIENT_READ, client, cx) {
+                    if self.client_in.capacity() == 0 {
+                        self.client_in = buffers::take();
+                    }
+                    let read = poll_read_more(&mut self.client_in, CLIENT_READ, client, cx);
+                    self.client_armed = armed_by(&read, client);
+                    match read {
                         Poll::Ready(Ok(0)) => {
                             return Poll::Ready(RelayEvent::ClientGone(
                                 io::ErrorKind::UnexpectedEof.into(),
@@ -1219,8 +1256,15 @@ impl Relay {
                 }
                 continue;
             };
-            if self.to_client.len() < HIGH_WATER {
-                match poll_read_more(&mut self.server_in, SERVER_READ, &mut conn.stream, cx) {
+            if self.to_client.len() < HIGH_WATER
+                && !matches!(
+                    read_hint(&conn.stream, &mut self.server_armed),
+                    ReadHint::Unreadable
+                )
+            {
+                let read = poll_read_more(&mut self.server_in, SERVER_READ, &mut conn.stream, cx);
+                self.server_armed = armed_by(&read, &conn.stream);
+                match read {
                     Poll::Ready(Ok(0)) => {
                         return Poll::Ready(RelayEvent::ServerGone(
                             io::ErrorKind::UnexpectedEof.into(),
@@ -1240,8 +1284,10 @@ impl Relay {
             match self.process_server(conn, statements) {
                 Ok(p) => {
                     progress |= p;
-                    for name in self.tracker.confirmed.drain(..) {
-                        self.pool.known_statements.insert(name);
+                    if !self.tracker.confirmed.is_empty() {
+                        for name in self.tracker.confirmed.drain(..) {
+                            self.pool.known_statements.insert(name);
+                        }
                     }
                 }
                 Err(e) => {
@@ -1293,6 +1339,43 @@ fn poll_read_more(
     }
     let n = ready!(poll_read_buf(Pin::new(io), cx, buf))?;
     Poll::Ready(Ok(n))
+}
+
+/// What is known about a socket's readability before reading it.
+enum ReadHint {
+    /// Not readable, and the task's waker is registered for when it becomes so: no read.
+    Unreadable,
+    /// Readable (a read is due).
+    Readable,
+    /// Not known: read (or poll readiness), which registers the waker if it is not readable.
+    Unknown,
+}
+
+/// Checks an armed socket's readiness without a read or a waker registration (tokio keeps the
+/// registered waker until the socket becomes readable). Disarms unless it is still unreadable.
+fn read_hint(stream: &Stream, armed: &mut bool) -> ReadHint {
+    if !std::mem::take(armed) {
+        return ReadHint::Unknown;
+    }
+    let Stream::Plain(tcp) = stream else {
+        return ReadHint::Unknown;
+    };
+    match tcp.try_io(tokio::io::Interest::READABLE, || Ok(())) {
+        Ok(()) => ReadHint::Readable,
+        Err(_) => {
+            *armed = true;
+            ReadHint::Unreadable
+        }
+    }
+}
+
+/// Whether a read (or readiness poll) that returned this left the task's waker registered with
+/// the socket: `Pending` from a plain socket, unless the task ran out of its cooperative budget
+/// (then tokio woke the task instead of registering it).
+fn armed_by<T>(result: &Poll<T>, stream: &Stream) -> bool {
+    result.is_pending()
+        && matches!(stream, Stream::Plain(_))
+        && tokio::task::coop::has_budget_remaining()
 }
 
 /// The SQLSTATE of an ErrorResponse body whose severity is FATAL or PANIC.
