@@ -21,21 +21,50 @@ pub struct CancelTarget {
 /// Where a client's cancel goes now; updated when the client attaches or releases a server.
 #[derive(Debug, Default)]
 pub struct CancelSlot {
-    target: Mutex<Option<Arc<CancelTarget>>>,
+    current: Mutex<Current>,
+}
+
+#[derive(Debug, Default)]
+struct Current {
+    target: Option<Arc<CancelTarget>>,
+    /// A cancel request was forwarded to `target`: becomes true once PostgreSQL has it.
+    forwarded: Option<CancelForwarded>,
+}
+
+/// Tells the holder of a server that a cancel request was forwarded to it, and when PostgreSQL
+/// has taken it (the request's connection closed, or its sending gave up).
+#[derive(Debug)]
+pub struct CancelForwarded(tokio::sync::watch::Receiver<bool>);
+
+impl CancelForwarded {
+    /// Waits until PostgreSQL has taken the cancel request (or its sending failed).
+    pub async fn delivered(mut self) {
+        let _ = self.0.wait_for(|done| *done).await;
+    }
 }
 
 impl CancelSlot {
-    fn lock(&self) -> MutexGuard<'_, Option<Arc<CancelTarget>>> {
-        self.target.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> MutexGuard<'_, Current> {
+        self.current.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn set(&self, target: Option<Arc<CancelTarget>>) {
+    /// Points the client's cancels at `target` (or nowhere). Returns whether a cancel request
+    /// was forwarded to the previous target since it was set.
+    pub fn set(&self, target: Option<Arc<CancelTarget>>) -> Option<CancelForwarded> {
+        let mut current = self.lock();
         // The old target is dropped after the lock is released.
-        let _old = std::mem::replace(&mut *self.lock(), target);
+        let _old = std::mem::replace(&mut current.target, target);
+        current.forwarded.take()
     }
 
-    pub fn get(&self) -> Option<Arc<CancelTarget>> {
-        self.lock().clone()
+    /// The current target, marked as cancelled: the holder of the server learns about it when
+    /// it moves the slot on. Call `delivered` on the sender once the request is sent.
+    fn forward(&self) -> Option<(Arc<CancelTarget>, tokio::sync::watch::Sender<bool>)> {
+        let mut current = self.lock();
+        let target = current.target.clone()?;
+        let (sent, forwarded) = tokio::sync::watch::channel(false);
+        current.forwarded = Some(CancelForwarded(forwarded));
+        Some((target, sent))
     }
 }
 
@@ -100,11 +129,11 @@ impl CancelRegistry {
         let target = {
             let entries = self.lock();
             match entries.get(&pid) {
-                Some(entry) if entry.secret == secret => entry.slot.get(),
+                Some(entry) if entry.secret == secret => entry.slot.forward(),
                 _ => None,
             }
         };
-        let Some(t) = target else {
+        let Some((t, delivered)) = target else {
             debug!(
                 pid,
                 "cancel request with unknown keys or no running query ignored"
@@ -115,5 +144,6 @@ impl CancelRegistry {
         if let Err(e) = backend::send_cancel(&t.host, t.port, t.pid, t.secret).await {
             info!(pid, error = %e, "cancel request could not be delivered");
         }
+        let _ = delivered.send(true);
     }
 }

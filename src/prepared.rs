@@ -31,14 +31,18 @@ pub struct Statement {
 /// server just to learn that a statement it will run later parses.
 #[derive(Debug, Default)]
 pub struct KnownStatements {
-    names: std::sync::Mutex<std::collections::HashSet<String>>,
+    names: std::sync::Mutex<std::collections::HashSet<String, Fast>>,
 }
+
+/// Statement names are hashed on every Bind and Describe: foldhash (randomly seeded) instead
+/// of SipHash.
+type Fast = foldhash::fast::RandomState;
 
 /// Bound on `KnownStatements`; past it the set starts over (it is only a shortcut).
 const MAX_KNOWN: usize = 10_000;
 
 impl KnownStatements {
-    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<String, Fast>> {
         self.names.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -58,7 +62,7 @@ impl KnownStatements {
 /// One client's named statements.
 #[derive(Debug, Default)]
 pub struct ClientStatements {
-    by_name: HashMap<String, Arc<Statement>>,
+    by_name: HashMap<String, Arc<Statement>, Fast>,
 }
 
 impl ClientStatements {
@@ -81,6 +85,9 @@ impl ClientStatements {
     /// Between transactions: a Parse of a statement the pool already knows to be valid is
     /// recorded and answered locally (true); anything else needs a server (false).
     pub fn parse_locally(&mut self, msg: &[u8], known: &KnownStatements) -> bool {
+        if is_unnamed_parse(msg) {
+            return false;
+        }
         let Some(p) = msg.get(5..).and_then(parse_parse) else {
             return false;
         };
@@ -124,7 +131,7 @@ impl ClientStatements {
 /// first, bounded.
 #[derive(Debug, Default)]
 pub struct ServerStatements {
-    names: HashMap<String, u64>,
+    names: HashMap<String, u64, Fast>,
     tick: u64,
 }
 
@@ -384,6 +391,12 @@ pub fn rewrite_client_message(
     rewrite(msg, client, server, capacity, &mut out).is_some()
 }
 
+/// A Parse of the unnamed statement (its name, the first field, is empty): passed through as
+/// it is, without looking at the query.
+fn is_unnamed_parse(msg: &[u8]) -> bool {
+    msg.get(5) == Some(&0)
+}
+
 /// Where a rewrite writes.
 struct Out<'a> {
     to_server: &'a mut BytesMut,
@@ -401,6 +414,9 @@ fn rewrite(
     let body = msg.get(5..)?;
     match tag {
         b'P' => {
+            if is_unnamed_parse(msg) {
+                return None;
+            }
             let p = parse_parse(body)?;
             if p.name.is_empty() {
                 return None;

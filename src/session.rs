@@ -26,7 +26,7 @@ use tracing::{debug, info, warn};
 
 use crate::backend::{ServerConn, ServerLogin};
 use crate::buffers;
-use crate::cancel::{CancelKey, CancelTarget};
+use crate::cancel::{CancelForwarded, CancelKey, CancelTarget};
 use crate::client_error::ClientError;
 use crate::config::PoolMode;
 use crate::frontend::{refuse, LoggedIn, Proxy};
@@ -291,10 +291,15 @@ impl Session {
 
     /// Transaction mode: the server finished the client's transaction.
     fn release_server(&mut self) {
-        self.cancel.slot.set(None);
+        let cancelled = self.cancel.slot.set(None);
         if let Some(mut s) = self.server.take() {
             self.relay.return_buffers(&mut s.conn);
-            s.release();
+            match cancelled {
+                None => s.release(),
+                Some(cancelled) => {
+                    tokio::spawn(settle_after_cancel(s, cancelled));
+                }
+            }
         }
         self.relay.shrink_idle_buffers();
     }
@@ -305,12 +310,17 @@ impl Session {
         match end {
             RelayEvent::NeedServer | RelayEvent::ServerIdle => Flow::Continue,
             RelayEvent::ClientLeft | RelayEvent::ClientGone(_) => {
-                self.cancel.slot.set(None);
+                let cancelled = self.cancel.slot.set(None);
                 if let RelayEvent::ClientGone(e) = &end {
                     debug!(client = id, error = %e, "client connection lost");
                 }
                 if let Some(s) = self.server.take() {
-                    return_server(&self.proxy, s, &self.relay).await;
+                    match cancelled {
+                        Some(cancelled) if self.relay.server_is_quiet() => {
+                            tokio::spawn(settle_after_cancel(s, cancelled));
+                        }
+                        _ => return_server(&self.proxy, s, &self.relay).await,
+                    }
                 }
                 Flow::End
             }
@@ -521,6 +531,23 @@ fn pool_for(proxy: &Proxy, user: &str, database: &str) -> Arc<Pool> {
 
 fn cancel_target(conn: &ServerConn) -> Arc<CancelTarget> {
     conn.cancel.clone()
+}
+
+/// A cancel request was forwarded to this server while the client held it. PostgreSQL signals
+/// the backend twice (the process, then its process group), and a signal handled after the
+/// cancelled query ended cancels the next query the backend reads: another client's, once the
+/// server is back in the pool. So the server goes back only after the request was taken and
+/// one query of pgswitch's own absorbed what is left of it.
+async fn settle_after_cancel(mut server: PooledServer, cancelled: CancelForwarded) {
+    let _ = tokio::time::timeout(Duration::from_secs(5), cancelled.delivered()).await;
+    match server.conn.simple_query("SELECT 1").await {
+        Ok(()) => server.release(),
+        Err(e) if e.sqlstate() == "57014" => server.release(),
+        Err(e) => {
+            debug!(server = server.conn.id, error = %e, "server failed after a cancel; closing it");
+            server.discard();
+        }
+    }
 }
 
 /// Cancels whatever the server runs, then closes it.
@@ -901,11 +928,13 @@ impl Relay {
                     parse_of: None,
                 });
             }
-            self.to_server.extend_from_slice(&self.client_in[..5]);
-            self.client_in.advance(5);
-            if body > 0 {
+            // The whole message when it is here, otherwise its start; the rest streams.
+            let here = self.client_in.len().min(5 + body);
+            self.to_server.extend_from_slice(&self.client_in[..here]);
+            self.client_in.advance(here);
+            if here < 5 + body {
                 self.client_msg = Some(Streaming {
-                    remaining: body,
+                    remaining: 5 + body - here,
                     discard: false,
                 });
             }
