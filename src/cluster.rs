@@ -260,6 +260,16 @@ pub fn parse_lsn(lsn: &str) -> Option<u64> {
 
 /// The LSN in text column `i` of a control query's row; `None` for NULL, a missing column or
 /// text that is not an LSN.
+/// Column `i` of a control query's row; a type that does not match pgswitch's own SQL is an
+/// error of the request (a failed diagnosis), never a panic.
+pub fn column<'a, T: tokio_postgres::types::FromSql<'a>>(
+    row: &'a tokio_postgres::Row,
+    i: usize,
+) -> Result<T, String> {
+    row.try_get(i)
+        .map_err(|e| format!("unexpected column {i} in a control answer: {e}"))
+}
+
 pub fn lsn_column(row: &tokio_postgres::Row, i: usize) -> Option<u64> {
     row.try_get::<_, Option<String>>(i)
         .ok()
@@ -390,25 +400,24 @@ impl ControlConn {
                 .query_one(DIAGNOSIS_SQL, &[])
                 .await
                 .map_err(|e| describe(&e))?;
-            let in_recovery: bool = row.get(0);
+            let in_recovery: bool = column(&row, 0)?;
             let mut d = Diagnosis {
                 role: if in_recovery {
                     Role::Standby
                 } else {
                     Role::Primary
                 },
-                lsn: row.get(1),
-                replay_lsn: row.get(2),
-                replay_paused: row.get::<_, Option<bool>>(3).unwrap_or(false),
-                lag_seconds: row.get(4),
-                timeline: row
-                    .get::<_, Option<i32>>(5)
-                    .or(row.get::<_, Option<i32>>(6))
+                lsn: column(&row, 1)?,
+                replay_lsn: column(&row, 2)?,
+                replay_paused: column::<Option<bool>>(&row, 3)?.unwrap_or(false),
+                lag_seconds: column(&row, 4)?,
+                timeline: column::<Option<i32>>(&row, 5)?
+                    .or(column::<Option<i32>>(&row, 6)?)
                     .map(|t| t as u32),
-                upstream: row.get(7),
-                last_msg_age_seconds: row.get(8),
-                read_only: row.get::<_, Option<bool>>(9).unwrap_or(false),
-                synchronous_standby_names: row.get(10),
+                upstream: column(&row, 7)?,
+                last_msg_age_seconds: column(&row, 8)?,
+                read_only: column::<Option<bool>>(&row, 9)?.unwrap_or(false),
+                synchronous_standby_names: column(&row, 10)?,
                 replicas: Vec::new(),
                 latency: Duration::ZERO,
             };
@@ -419,9 +428,9 @@ impl ControlConn {
                     .map_err(|e| describe(&e))?
                 {
                     d.replicas.push(Replica {
-                        application_name: r.get(0),
-                        state: r.get(1),
-                        sync_state: r.get(2),
+                        application_name: column(&r, 0)?,
+                        state: column(&r, 1)?,
+                        sync_state: column(&r, 2)?,
                     });
                 }
             }

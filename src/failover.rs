@@ -17,7 +17,7 @@ use tracing::{error, info, warn};
 
 use crate::backend::{quote_literal, Fences};
 use crate::cluster::{
-    format_lsn, lsn_column, ClusterView, ControlConn, NodeStatus, Role, Topology,
+    column, format_lsn, lsn_column, ClusterView, ControlConn, NodeStatus, Role, Topology,
 };
 use crate::config::Config;
 use crate::coord::{ClusterState, Coordinator};
@@ -614,7 +614,7 @@ impl Controller {
                 .map_err(PromoteError::NotPromoted)?;
             let received = lsn_column(&row, 0);
             let replayed = lsn_column(&row, 1);
-            let paused: bool = row.get(2);
+            let paused: bool = column(&row, 2).map_err(PromoteError::NotPromoted)?;
             if received.is_none() || replayed >= received {
                 break;
             }
@@ -649,14 +649,15 @@ impl Controller {
             )
             .await;
         let timeline = match (promoted, confirm) {
-            (_, Ok(row)) if !row.get::<_, bool>(0) => {
-                row.get::<_, Option<i32>>(1).unwrap_or(0) as u32
-            }
-            (_, Ok(_)) => {
-                return Err(PromoteError::NotPromoted(
-                    "still in recovery after pg_promote".into(),
-                ))
-            }
+            (_, Ok(row)) => match column::<bool>(&row, 0) {
+                Ok(false) => column::<Option<i32>>(&row, 1).ok().flatten().unwrap_or(0) as u32,
+                Ok(true) => {
+                    return Err(PromoteError::NotPromoted(
+                        "still in recovery after pg_promote".into(),
+                    ))
+                }
+                Err(e) => return Err(PromoteError::Unknown(e)),
+            },
             (_, Err(e)) => return Err(PromoteError::Unknown(e)),
         };
         if let Some(old) = old_timeline {
