@@ -315,12 +315,7 @@ impl Session {
                     debug!(client = id, error = %e, "client connection lost");
                 }
                 if let Some(s) = self.server.take() {
-                    match cancelled {
-                        Some(cancelled) if self.relay.server_is_quiet() => {
-                            tokio::spawn(settle_after_cancel(s, cancelled));
-                        }
-                        _ => return_server(&self.proxy, s, &self.relay).await,
-                    }
+                    return_server(&self.proxy, s, &self.relay, cancelled).await;
                 }
                 Flow::End
             }
@@ -539,14 +534,25 @@ fn cancel_target(conn: &ServerConn) -> Arc<CancelTarget> {
 /// server is back in the pool. So the server goes back only after the request was taken and
 /// one query of pgswitch's own absorbed what is left of it.
 async fn settle_after_cancel(mut server: PooledServer, cancelled: CancelForwarded) {
-    let _ = tokio::time::timeout(Duration::from_secs(5), cancelled.delivered()).await;
-    match server.conn.simple_query("SELECT 1").await {
+    match absorb_cancel(&mut server.conn, cancelled).await {
         Ok(()) => server.release(),
-        Err(e) if e.sqlstate() == "57014" => server.release(),
         Err(e) => {
             debug!(server = server.conn.id, error = %e, "server failed after a cancel; closing it");
             server.discard();
         }
+    }
+}
+
+/// Waits (at most 5 s) until PostgreSQL took the cancel request, then runs `SELECT 1`: a late
+/// signal cancels that query (57014, expected) instead of the next client's.
+async fn absorb_cancel(
+    conn: &mut ServerConn,
+    cancelled: CancelForwarded,
+) -> Result<(), crate::backend::ServerError> {
+    let _ = tokio::time::timeout(Duration::from_secs(5), cancelled.delivered()).await;
+    match conn.simple_query("SELECT 1").await {
+        Err(e) if e.sqlstate() != "57014" => Err(e),
+        _ => Ok(()),
     }
 }
 
@@ -562,7 +568,12 @@ fn cancel_and_discard(server: PooledServer) {
 
 /// Puts the server back in its pool if it is provably idle, after the reset query (session
 /// mode) or as it is (transaction mode); otherwise cancels what it runs and closes it.
-async fn return_server(proxy: &Proxy, mut server: PooledServer, relay: &Relay) {
+async fn return_server(
+    proxy: &Proxy,
+    mut server: PooledServer,
+    relay: &Relay,
+    cancelled: Option<CancelForwarded>,
+) {
     if !relay.server_is_quiet() {
         debug!(
             server = server.conn.id,
@@ -583,9 +594,12 @@ async fn return_server(proxy: &Proxy, mut server: PooledServer, relay: &Relay) {
                 .reset(&proxy.config().server_reset_query)
                 .await?;
         }
+        if let Some(cancelled) = cancelled {
+            absorb_cancel(&mut server.conn, cancelled).await?;
+        }
         Ok::<(), crate::backend::ServerError>(())
     };
-    match tokio::time::timeout(Duration::from_secs(5), reset).await {
+    match tokio::time::timeout(Duration::from_secs(10), reset).await {
         Ok(Ok(())) => server.release(),
         Ok(Err(e)) => {
             debug!(error = %e, "server reset failed; closing it");
