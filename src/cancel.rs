@@ -147,3 +147,51 @@ impl CancelRegistry {
         let _ = delivered.send(true);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn target(pid: u32) -> Arc<CancelTarget> {
+        Arc::new(CancelTarget {
+            host: "127.0.0.1".into(),
+            port: 1,
+            pid,
+            secret: 2,
+        })
+    }
+
+    #[tokio::test]
+    async fn a_forwarded_cancel_is_reported_to_whoever_moves_the_slot_on() {
+        let slot = CancelSlot::default();
+        assert!(slot.forward().is_none(), "no server: nothing to cancel");
+        assert!(slot.set(Some(target(7))).is_none());
+        let (to, sent) = slot.forward().expect("the current server");
+        assert_eq!(to.pid, 7);
+        let forwarded = slot
+            .set(None)
+            .expect("releasing the server reports the cancel");
+        assert!(slot.set(Some(target(8))).is_none(), "reported once");
+        let waiting = tokio::spawn(forwarded.delivered());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!waiting.is_finished(), "not delivered before it is sent");
+        sent.send(true).expect("receiver alive");
+        tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("delivered once sent")
+            .expect("task");
+    }
+
+    #[tokio::test]
+    async fn a_cancel_that_could_not_be_sent_does_not_hold_the_server() {
+        let slot = CancelSlot::default();
+        slot.set(Some(target(7)));
+        let (_, sent) = slot.forward().expect("the current server");
+        let forwarded = slot.set(None).expect("reported");
+        drop(sent);
+        tokio::time::timeout(Duration::from_secs(5), forwarded.delivered())
+            .await
+            .expect("a dropped sender ends the wait");
+    }
+}
