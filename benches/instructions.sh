@@ -65,197 +65,39 @@ TOP=${BENCH_TOP:-0}
 REPEAT=${BENCH_REPEAT:-3}
 POOL=${BENCH_POOL_SIZE:-20}
 SCALE=${BENCH_SCALE:-10}
-PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-export PGPASSWORD=secret
 STARTED=$(date +%s)
 
-[ "$(id -u)" = 0 ] || { echo "run as root (PostgreSQL and PgBouncer are started as postgres)" >&2; exit 1; }
-ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+# shellcheck source=common.sh source-path=SCRIPTDIR
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-log() { printf '[%s] %s\n' "$(date +%T)" "$*" >&2; }
+require_root
 
 # ---- prerequisites ----------------------------------------------------------------------------
-apt_install() { # package
-    log "installing $1"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y "$1" >/dev/null 2>&1 ||
-        { apt-get update >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y "$1" >/dev/null; }
-}
 command -v pgbouncer >/dev/null || apt_install pgbouncer
 command -v callgrind_control >/dev/null || apt_install valgrind
-if [ "${BENCH_SKIP_BUILD:-0}" != 1 ]; then
-    log "cargo build --release"
-    (cd "$ROOT" && cargo build --release --bin pgswitch >&2)
-fi
-PGSWITCH_BIN=$ROOT/target/release/pgswitch
-[ -x "$PGSWITCH_BIN" ] || { echo "no $PGSWITCH_BIN" >&2; exit 1; }
+build_pgswitch
 
 # ---- temp dir, ports, cleanup -----------------------------------------------------------------
-WORK=$(mktemp -d /tmp/pgswitch-instr.XXXXXX)
-chmod 755 "$WORK"
-cd "$WORK" # the postgres user must be able to stand in the current directory
+make_workdir pgswitch-instr
 # callgrind dumps and vgdb's FIFOs: written by both root (pgswitch) and postgres (PgBouncer).
 # Our own vgdb prefix keeps callgrind_control away from anyone else's valgrind runs.
 mkdir "$WORK/cg"
 chown postgres: "$WORK/cg"
 chmod 1777 "$WORK/cg"
 VGDB_PREFIX=$WORK/cg/vgdb-pipe
-PG_PID="" PX_PID=""
-cleanup() {
-    local rc=$?
-    set +e
-    if [ -n "$PX_PID" ]; then
-        kill -TERM "$PX_PID" 2>/dev/null
-        for _ in $(seq 300); do kill -0 "$PX_PID" 2>/dev/null || break; sleep 0.1; done
-        kill -KILL "$PX_PID" 2>/dev/null
-    fi
-    if [ -n "$PG_PID" ]; then
-        kill -INT "$PG_PID" 2>/dev/null # fast shutdown
-        for _ in $(seq 100); do kill -0 "$PG_PID" 2>/dev/null || break; sleep 0.1; done
-        kill -KILL "$PG_PID" 2>/dev/null
-    fi
-    if [ "${BENCH_KEEP:-0}" = 1 ]; then
-        log "kept $WORK"
-    else
-        rm -rf "$WORK"
-    fi
-    exit $rc
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-read -r PG_PORT PGB_PORT SW_PORT SW_ADMIN_PORT < <(python3 - <<'EOF'
-import socket
-socks = []
-for _ in range(4):
-    s = socket.socket(); s.bind(("127.0.0.1", 0)); socks.append(s)
-print(*[s.getsockname()[1] for s in socks])
-EOF
-)
-
-# setpriv and valgrind both exec, so $! of a backgrounded "${AS_POSTGRES[@]}" valgrind cmd & is the PID
-# of the process that runs cmd (valgrind keeps the PID of the program it runs).
-AS_POSTGRES=(setpriv --reuid=postgres --regid=postgres --init-groups --)
-as_postgres() { "${AS_POSTGRES[@]}" "$@"; }
-
-wait_sql() { # port what pid: valgrind's start and PgBouncer's SCRAM under valgrind are slow
-    local deadline=$((SECONDS + 90))
-    while [ $SECONDS -lt $deadline ]; do
-        if timeout 30 psql "host=127.0.0.1 port=$1 user=app dbname=bench connect_timeout=20" \
-            -Atqc 'select 1' >/dev/null 2>&1; then return 0; fi
-        kill -0 "$3" 2>/dev/null || break
-        sleep 0.5
-    done
-    echo "$2 on port $1 did not answer; its log:" >&2
-    tail -30 "$WORK/$2.log" >&2 || true
-    exit 1
-}
+PROXY_STOP_SECONDS=30 # valgrind writes its final dump on the way out (the exit trap and stop_proxy)
+pick_free_ports
 
 # ---- PostgreSQL -------------------------------------------------------------------------------
-log "initdb + PostgreSQL on port $PG_PORT ($WORK)"
-mkdir "$WORK/pg"
-echo postgres-secret >"$WORK/pwfile"
-chown -R postgres: "$WORK/pg" "$WORK/pwfile"
-as_postgres "$PGBIN/initdb" -D "$WORK/pg" -U postgres --pwfile="$WORK/pwfile" \
-    --auth-local=scram-sha-256 --auth-host=scram-sha-256 -E UTF8 --no-sync >"$WORK/initdb.log" 2>&1
-cat >>"$WORK/pg/postgresql.conf" <<EOF
-listen_addresses = '127.0.0.1'
-port = $PG_PORT
-unix_socket_directories = '$WORK/pg'
-max_connections = 200
-shared_buffers = 256MB
-fsync = off
-synchronous_commit = off
-full_page_writes = off
-log_min_messages = warning
-EOF
-"${AS_POSTGRES[@]}" "$PGBIN/postgres" -D "$WORK/pg" >"$WORK/postgres.log" 2>&1 &
-PG_PID=$!
-for _ in $(seq 100); do
-    PGPASSWORD=postgres-secret psql -h 127.0.0.1 -p "$PG_PORT" -U postgres -d postgres -Atqc 'select 1' >/dev/null 2>&1 && break
-    sleep 0.2
-done
-PGPASSWORD=postgres-secret psql -h 127.0.0.1 -p "$PG_PORT" -U postgres -d postgres -q -v ON_ERROR_STOP=1 <<'EOF'
-CREATE ROLE app LOGIN PASSWORD 'secret';
-CREATE DATABASE bench OWNER app;
-EOF
-log "pgbench -i -s $SCALE"
-pgbench -h 127.0.0.1 -p "$PG_PORT" -U app -i -s "$SCALE" -q bench >"$WORK/pgbench-init.log" 2>&1
+start_postgres
+create_bench_db
 
 # ---- the proxies under callgrind --------------------------------------------------------------
+# valgrind keeps the PID of the program it runs, so PGB_PID / SW_PID are the valgrind processes.
 VALGRIND=(valgrind --tool=callgrind --compress-strings=no --compress-pos=no
     --vgdb=yes --vgdb-prefix="$VGDB_PREFIX")
-
-start_pgbouncer() {
-    cat >"$WORK/pgbouncer.ini" <<EOF
-[databases]
-bench = host=127.0.0.1 port=$PG_PORT dbname=bench
-
-[pgbouncer]
-listen_addr = 127.0.0.1
-listen_port = $PGB_PORT
-unix_socket_dir =
-auth_type = scram-sha-256
-auth_file = $WORK/userlist.txt
-pool_mode = transaction
-default_pool_size = $POOL
-max_client_conn = 10000
-max_db_connections = 0
-logfile = $WORK/pgbouncer.log
-ignore_startup_parameters = extra_float_digits
-EOF
-    echo '"app" "secret"' >"$WORK/userlist.txt"
-    chown postgres: "$WORK/pgbouncer.ini" "$WORK/userlist.txt"
-    : >"$WORK/pgbouncer.log"
-    chown postgres: "$WORK/pgbouncer.log"
-    "${AS_POSTGRES[@]}" "${VALGRIND[@]}" --callgrind-out-file="$WORK/cg/cg.pgbouncer.%p" \
-        pgbouncer "$WORK/pgbouncer.ini" >>"$WORK/pgbouncer.stderr" 2>&1 &
-    PX_PID=$!
-    wait_sql "$PGB_PORT" pgbouncer "$PX_PID"
-}
-
-start_pgswitch() {
-    cat >"$WORK/pgswitch.toml" <<EOF
-listen = "127.0.0.1:$SW_PORT"
-admin_listen = "127.0.0.1:$SW_ADMIN_PORT"
-pool_mode = "transaction"
-workers = ${BENCH_WORKERS:-1}
-default_pool_size = $POOL
-max_client_connections = 10000
-auth_type = "scram-sha-256"
-
-[[users]]
-name = "app"
-password = "secret"
-pool_size = $POOL
-
-[[nodes]]
-name = "n0"
-host = "127.0.0.1"
-port = $PG_PORT
-
-[control]
-user = "postgres"
-password = "postgres-secret"
-database = "postgres"
-
-[failover]
-enabled = false
-
-[coordination]
-state_file = "$WORK/pgswitch.state"
-EOF
-    NO_COLOR=1 "${VALGRIND[@]}" --callgrind-out-file="$WORK/cg/cg.pgswitch.%p" \
-        "$PGSWITCH_BIN" run --config "$WORK/pgswitch.toml" >>"$WORK/pgswitch.log" 2>&1 &
-    PX_PID=$!
-    wait_sql "$SW_PORT" pgswitch "$PX_PID"
-}
-
-stop_proxy() { # pid (valgrind writes its final dump on the way out: allow 30 s)
-    kill -TERM "$1" 2>/dev/null || return 0
-    for _ in $(seq 300); do kill -0 "$1" 2>/dev/null || return 0; sleep 0.1; done
-    kill -KILL "$1" 2>/dev/null || true
-}
+PROXY_START_SECONDS=90 # valgrind's start and PgBouncer's SCRAM under valgrind are slow
+stop_proxy() { stop_pids TERM "$PROXY_STOP_SECONDS" "$1"; } # pid
 
 # cg_control PROXY PID ARG: callgrind_control must run as the valgrind process' user, or vgdb hangs.
 cg_control() {
@@ -455,16 +297,16 @@ measure() { # PROXY PORT PID
 }
 
 log "PgBouncer ($(pgbouncer --version | head -1)) under callgrind on port $PGB_PORT"
-start_pgbouncer
-measure pgbouncer "$PGB_PORT" "$PX_PID"
-stop_proxy "$PX_PID"
-PX_PID=""
+start_pgbouncer "${VALGRIND[@]}" --callgrind-out-file="$WORK/cg/cg.pgbouncer.%p"
+measure pgbouncer "$PGB_PORT" "$PGB_PID"
+stop_proxy "$PGB_PID"
+PGB_PID=""
 
 log "pgswitch under callgrind on port $SW_PORT"
-start_pgswitch
-measure pgswitch "$SW_PORT" "$PX_PID"
-stop_proxy "$PX_PID"
-PX_PID=""
+start_pgswitch "${VALGRIND[@]}" --callgrind-out-file="$WORK/cg/cg.pgswitch.%p"
+measure pgswitch "$SW_PORT" "$SW_PID"
+stop_proxy "$SW_PID"
+SW_PID=""
 
 # ---- report -----------------------------------------------------------------------------------
 echo

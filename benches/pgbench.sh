@@ -31,192 +31,31 @@ MODES=${BENCH_MODES:-"simple extended prepared"}
 POOL=${BENCH_POOL_SIZE:-20}
 SCALE=${BENCH_SCALE:-10}
 IDLE=${BENCH_IDLE_CLIENTS:-2000}
-PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-export PGPASSWORD=secret
 
-[ "$(id -u)" = 0 ] || { echo "run as root (PostgreSQL and PgBouncer are started as postgres)" >&2; exit 1; }
-ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+# shellcheck source=common.sh source-path=SCRIPTDIR
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-log() { printf '[%s] %s\n' "$(date +%T)" "$*" >&2; }
+require_root
 
 # ---- prerequisites ----------------------------------------------------------------------------
-if ! command -v pgbouncer >/dev/null; then
-    log "installing pgbouncer"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y pgbouncer >/dev/null 2>&1 ||
-        { apt-get update >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y pgbouncer >/dev/null; }
-fi
+command -v pgbouncer >/dev/null || apt_install pgbouncer
 if ! python3 -c 'import psycopg' 2>/dev/null; then
     log "installing psycopg"
     python3 -m pip install -q "psycopg[binary]"
 fi
-if [ "${BENCH_SKIP_BUILD:-0}" != 1 ]; then
-    log "cargo build --release"
-    (cd "$ROOT" && cargo build --release --bin pgswitch >&2)
-fi
-PGSWITCH_BIN=$ROOT/target/release/pgswitch
-[ -x "$PGSWITCH_BIN" ] || { echo "no $PGSWITCH_BIN" >&2; exit 1; }
+build_pgswitch
 
 # ---- temp dir, ports, cleanup -----------------------------------------------------------------
-WORK=$(mktemp -d /tmp/pgswitch-bench.XXXXXX)
-chmod 755 "$WORK"
-cd "$WORK" # the postgres user must be able to stand in the current directory
-PIDS=()
-PG_PID= PGB_PID= SW_PID=
-cleanup() {
-    local rc=$?
-    set +e
-    for pid in $SW_PID $PGB_PID; do
-        kill -TERM "$pid" 2>/dev/null
-    done
-    for pid in $SW_PID $PGB_PID; do
-        for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-        kill -KILL "$pid" 2>/dev/null
-    done
-    if [ -n "$PG_PID" ]; then
-        kill -INT "$PG_PID" 2>/dev/null # fast shutdown
-        for _ in $(seq 100); do kill -0 "$PG_PID" 2>/dev/null || break; sleep 0.1; done
-        kill -KILL "$PG_PID" 2>/dev/null
-    fi
-    for pid in "${PIDS[@]}"; do kill -KILL "$pid" 2>/dev/null; done
-    if [ "${BENCH_KEEP:-0}" = 1 ]; then
-        log "kept $WORK"
-    else
-        rm -rf "$WORK"
-    fi
-    exit $rc
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+make_workdir pgswitch-bench
+pick_free_ports
 
-read -r PG_PORT PGB_PORT SW_PORT SW_ADMIN_PORT < <(python3 - <<'EOF'
-import socket
-socks = []
-for _ in range(4):
-    s = socket.socket(); s.bind(("127.0.0.1", 0)); socks.append(s)
-print(*[s.getsockname()[1] for s in socks])
-EOF
-)
-
-# setpriv execs the command, so $! of a backgrounded "$AS_POSTGRES cmd &" is cmd's own PID.
-AS_POSTGRES="setpriv --reuid=postgres --regid=postgres --init-groups --"
-as_postgres() { $AS_POSTGRES "$@"; }
-
-wait_sql() { # port what
-    for _ in $(seq 150); do
-        if psql -h 127.0.0.1 -p "$1" -U app -d bench -Atqc 'select 1' >/dev/null 2>&1; then return 0; fi
-        sleep 0.2
-    done
-    echo "$2 on port $1 did not answer; its log:" >&2
-    tail -30 "$WORK/$2.log" >&2 || true
-    exit 1
-}
-
-# ---- PostgreSQL -------------------------------------------------------------------------------
-log "initdb + PostgreSQL on port $PG_PORT ($WORK)"
-mkdir "$WORK/pg"
-echo postgres-secret >"$WORK/pwfile"
-chown -R postgres: "$WORK/pg" "$WORK/pwfile"
-as_postgres "$PGBIN/initdb" -D "$WORK/pg" -U postgres --pwfile="$WORK/pwfile" \
-    --auth-local=scram-sha-256 --auth-host=scram-sha-256 -E UTF8 --no-sync >"$WORK/initdb.log" 2>&1
-cat >>"$WORK/pg/postgresql.conf" <<EOF
-listen_addresses = '127.0.0.1'
-port = $PG_PORT
-unix_socket_directories = '$WORK/pg'
-max_connections = 200
-shared_buffers = 256MB
-fsync = off
-synchronous_commit = off
-full_page_writes = off
-log_min_messages = warning
-EOF
-$AS_POSTGRES "$PGBIN/postgres" -D "$WORK/pg" >"$WORK/postgres.log" 2>&1 &
-PG_PID=$!
-for _ in $(seq 100); do
-    PGPASSWORD=postgres-secret psql -h 127.0.0.1 -p "$PG_PORT" -U postgres -d postgres -Atqc 'select 1' >/dev/null 2>&1 && break
-    sleep 0.2
-done
-PGPASSWORD=postgres-secret psql -h 127.0.0.1 -p "$PG_PORT" -U postgres -d postgres -q -v ON_ERROR_STOP=1 <<'EOF'
-CREATE ROLE app LOGIN PASSWORD 'secret';
-CREATE DATABASE bench OWNER app;
-EOF
-log "pgbench -i -s $SCALE"
-pgbench -h 127.0.0.1 -p "$PG_PORT" -U app -i -s "$SCALE" -q bench >"$WORK/pgbench-init.log" 2>&1
-
-# ---- PgBouncer --------------------------------------------------------------------------------
-start_pgbouncer() {
-    cat >"$WORK/pgbouncer.ini" <<EOF
-[databases]
-bench = host=127.0.0.1 port=$PG_PORT dbname=bench
-
-[pgbouncer]
-listen_addr = 127.0.0.1
-listen_port = $PGB_PORT
-unix_socket_dir =
-auth_type = scram-sha-256
-auth_file = $WORK/userlist.txt
-pool_mode = transaction
-default_pool_size = $POOL
-max_client_conn = 10000
-max_db_connections = 0
-logfile = $WORK/pgbouncer.log
-ignore_startup_parameters = extra_float_digits
-EOF
-    echo '"app" "secret"' >"$WORK/userlist.txt"
-    chown postgres: "$WORK/pgbouncer.ini" "$WORK/userlist.txt"
-    : >"$WORK/pgbouncer.log"
-    chown postgres: "$WORK/pgbouncer.log"
-    $AS_POSTGRES pgbouncer "$WORK/pgbouncer.ini" >>"$WORK/pgbouncer.stderr" 2>&1 &
-    PGB_PID=$!
-    wait_sql "$PGB_PORT" pgbouncer
-}
-
-# ---- pgswitch ---------------------------------------------------------------------------------
-start_pgswitch() {
-    cat >"$WORK/pgswitch.toml" <<EOF
-listen = "127.0.0.1:$SW_PORT"
-admin_listen = "127.0.0.1:$SW_ADMIN_PORT"
-pool_mode = "transaction"
-workers = ${BENCH_WORKERS:-1}
-default_pool_size = $POOL
-max_client_connections = 10000
-auth_type = "scram-sha-256"
-
-[[users]]
-name = "app"
-password = "secret"
-pool_size = $POOL
-
-[[nodes]]
-name = "n0"
-host = "127.0.0.1"
-port = $PG_PORT
-
-[control]
-user = "postgres"
-password = "postgres-secret"
-database = "postgres"
-
-[failover]
-enabled = false
-
-[coordination]
-state_file = "$WORK/pgswitch.state"
-EOF
-    NO_COLOR=1 "$PGSWITCH_BIN" run --config "$WORK/pgswitch.toml" >>"$WORK/pgswitch.log" 2>&1 &
-    SW_PID=$!
-    wait_sql "$SW_PORT" pgswitch
-}
-
-stop_proxy() { # pid
-    kill -TERM "$1" 2>/dev/null || return 0
-    for _ in $(seq 100); do kill -0 "$1" 2>/dev/null || return 0; sleep 0.1; done
-    kill -KILL "$1" 2>/dev/null || true
-}
-
+# ---- PostgreSQL, the proxies ------------------------------------------------------------------
+start_postgres
+create_bench_db
+# shellcheck disable=SC2119 # both run natively here: no wrapper command
+start_proxies() { start_pgbouncer; start_pgswitch; }
 log "starting PgBouncer ($(pgbouncer --version | head -1)) on $PGB_PORT and pgswitch on $SW_PORT"
-start_pgbouncer
-start_pgswitch
+start_proxies
 CLK_TCK=$(getconf CLK_TCK)
 LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
 if awk -v l="${LOAD_START%% *}" 'BEGIN { exit !(l > 1.5) }'; then
@@ -259,10 +98,9 @@ run_one() {
         done
     local rc=${PIPESTATUS[0]}
     set -e
-    local tps status=ok
+    local tps
     tps=$(sed -n 's/^tps = \([0-9.]*\) (without initial connection time).*/\1/p' "$out.out")
     if [ "$rc" != 0 ] || [ -z "$tps" ] || grep -qiE 'aborted|error' "$out.err" "$out.out" 2>/dev/null; then
-        status=fail
         BROKEN[$key]=1
         local why
         why=$(grep -h -m1 -iE 'error|aborted|fatal' "$out.err" "$out.out" 2>/dev/null | head -1 | cut -c1-200 || true)
@@ -332,10 +170,9 @@ IDLE_RESULTS=$WORK/idle.txt
 : >"$IDLE_RESULTS"
 if [ "$IDLE" -gt 0 ]; then
     log "restarting both proxies for the idle-client test"
-    stop_proxy "$PGB_PID"
-    stop_proxy "$SW_PID"
-    start_pgbouncer
-    start_pgswitch
+    stop_pids TERM 10 "$PGB_PID"
+    stop_pids TERM 10 "$SW_PID"
+    start_proxies
     for t in pgbouncer pgswitch; do
         if [ $t = pgbouncer ]; then port=$PGB_PORT pid=$PGB_PID; else port=$SW_PORT pid=$SW_PID; fi
         log "  $IDLE idle clients through $t"
