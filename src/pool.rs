@@ -14,7 +14,7 @@ use serde::Serialize;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info, warn};
 
-use crate::backend::{ServerConn, ServerError, ServerLogin};
+use crate::backend::{ServerConn, ServerError, ServerLogin, ServerTarget};
 use crate::cluster::ClusterView;
 use crate::metrics::{self, AcquireFailure, PoolMetrics};
 use crate::params::SharedSets;
@@ -329,6 +329,23 @@ impl Pool {
             slot
         };
         tokio::time::sleep_until(slot.into()).await;
+    }
+
+    /// Closes every idle connection to `target`: one of its connections just failed, so the
+    /// others are suspect (a killed or crashing primary closes its sockets one process at a
+    /// time). The next transaction connects anew, or is held until the topology changes.
+    pub fn discard_idle_to(&self, target: &ServerTarget) {
+        let suspect: Vec<Box<ServerConn>> = {
+            let mut idle = self.lock_idle();
+            let (suspect, keep): (Vec<_>, Vec<_>) =
+                idle.drain(..).partition(|c| c.target == *target);
+            *idle = keep;
+            suspect
+        };
+        for conn in suspect {
+            debug!(server = conn.id, node = %conn.target.node, "closing idle server connection after a failure on its node");
+            tokio::spawn(conn.close());
+        }
     }
 
     /// Closes idle connections unused for longer than `idle_timeout` or past their lifetime,

@@ -344,6 +344,9 @@ impl Session {
         if let Some(s) = self.server.take() {
             if server_failing {
                 warn!(client = id, server = s.conn.id, node = %s.conn.target.node, error = %e, fatal = ?fatal, "server connection lost");
+                for pool in self.proxy.pools.all() {
+                    pool.discard_idle_to(&s.conn.target);
+                }
             } else {
                 info!(client = id, server = s.conn.id, node = %s.conn.target.node, fatal = ?fatal, "server ended the session");
             }
