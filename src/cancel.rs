@@ -58,7 +58,7 @@ impl CancelSlot {
     }
 
     /// The current target, marked as cancelled: the holder of the server learns about it when
-    /// it moves the slot on. Call `delivered` on the sender once the request is sent.
+    /// it moves the slot on. Send `true` on the sender (or drop it) once the request is sent.
     fn forward(&self) -> Option<(Arc<CancelTarget>, tokio::sync::watch::Sender<bool>)> {
         let mut current = self.lock();
         let target = current.target.clone()?;

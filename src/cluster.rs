@@ -258,8 +258,6 @@ pub fn parse_lsn(lsn: &str) -> Option<u64> {
     Some((hi << 32) | lo)
 }
 
-/// The LSN in text column `i` of a control query's row; `None` for NULL, a missing column or
-/// text that is not an LSN.
 /// Column `i` of a control query's row; a type that does not match pgswitch's own SQL is an
 /// error of the request (a failed diagnosis), never a panic.
 pub fn column<'a, T: tokio_postgres::types::FromSql<'a>>(
@@ -270,6 +268,8 @@ pub fn column<'a, T: tokio_postgres::types::FromSql<'a>>(
         .map_err(|e| format!("unexpected column {i} in a control answer: {e}"))
 }
 
+/// The LSN in text column `i` of a control query's row; `None` for NULL, a missing column or
+/// text that is not an LSN.
 pub fn lsn_column(row: &tokio_postgres::Row, i: usize) -> Option<u64> {
     row.try_get::<_, Option<String>>(i)
         .ok()

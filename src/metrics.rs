@@ -641,6 +641,19 @@ fn escape_label(value: &str) -> String {
         .replace('\n', "\\n")
 }
 
+/// The `# HELP` and `# TYPE` lines of a family pgswitch writes itself, from its catalog entry.
+fn family_header(name: &str, out: &mut String) {
+    use std::fmt::Write as _;
+    if let Some(m) = CATALOG.iter().find(|m| m.name == name) {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {}\n# TYPE {name} {}",
+            m.help,
+            m.kind.as_str()
+        );
+    }
+}
+
 /// Appends the pools' latency histograms (the exporter never sees them).
 fn render_pool_histograms(out: &mut String) {
     let pools: Vec<(String, Arc<PoolHistograms>)> = pool_histograms()
@@ -657,11 +670,7 @@ fn render_pool_histograms(out: &mut String) {
         (TRANSACTION_DURATION, |h| &h.transaction),
     ];
     for (name, pick) in families {
-        let help = CATALOG
-            .iter()
-            .find(|m| m.name == name)
-            .map_or("", |m| m.help);
-        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} histogram\n"));
+        family_header(name, out);
         for (pool, h) in &pools {
             pick(h).render(name, pool, out);
         }
@@ -706,14 +715,7 @@ static RELAYED: [AtomicU64; 2] = [AtomicU64::new(0), AtomicU64::new(0)];
 
 fn render_relayed_bytes(out: &mut String) {
     use std::fmt::Write as _;
-    let help = CATALOG
-        .iter()
-        .find(|m| m.name == RELAYED_BYTES)
-        .map_or("", |m| m.help);
-    let _ = writeln!(
-        out,
-        "# HELP {RELAYED_BYTES} {help}\n# TYPE {RELAYED_BYTES} counter"
-    );
+    family_header(RELAYED_BYTES, out);
     for direction in Direction::ALL {
         let n = RELAYED[direction as usize].load(Ordering::Relaxed);
         let _ = writeln!(

@@ -94,9 +94,6 @@ impl ClientStatements {
         let Ok(name) = std::str::from_utf8(p.name) else {
             return false;
         };
-        if name.is_empty() {
-            return false;
-        }
         let server_name = server_name(p.query, p.param_types);
         if !known.contains(&server_name) {
             return false;
@@ -418,9 +415,6 @@ fn rewrite(
                 return None;
             }
             let p = parse_parse(body)?;
-            if p.name.is_empty() {
-                return None;
-            }
             let name = std::str::from_utf8(p.name).ok()?.to_string();
             let server_name = server_name(p.query, p.param_types);
             let parse = message(

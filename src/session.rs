@@ -26,7 +26,7 @@ use tracing::{debug, info, warn};
 
 use crate::backend::{ServerConn, ServerLogin};
 use crate::buffers;
-use crate::cancel::{CancelForwarded, CancelKey, CancelTarget};
+use crate::cancel::{CancelForwarded, CancelKey};
 use crate::client_error::ClientError;
 use crate::config::PoolMode;
 use crate::frontend::{refuse, LoggedIn, Proxy};
@@ -204,7 +204,7 @@ impl Session {
         let server = match mode {
             PoolMode::Session => {
                 relay.lend_buffers(&mut server.conn);
-                cancel.slot.set(Some(cancel_target(&server.conn)));
+                cancel.slot.set(Some(server.conn.cancel.clone()));
                 info!(client = id, server = server.conn.id, node = %server.conn.target.node, "client attached to server");
                 Some(server)
             }
@@ -284,7 +284,7 @@ impl Session {
     fn attached(&mut self, mut server: PooledServer) {
         self.relay.server_armed = false;
         self.relay.lend_buffers(&mut server.conn);
-        self.cancel.slot.set(Some(cancel_target(&server.conn)));
+        self.cancel.slot.set(Some(server.conn.cancel.clone()));
         self.relay.answered = false;
         self.server = Some(server);
     }
@@ -378,7 +378,7 @@ impl Session {
                     Ok(mut s) => {
                         info!(client = id, server = s.conn.id, node = %s.conn.target.node, "idle session moved to the new primary");
                         relay.lend_buffers(&mut s.conn);
-                        self.cancel.slot.set(Some(cancel_target(&s.conn)));
+                        self.cancel.slot.set(Some(s.conn.cancel.clone()));
                         relay.answered = false;
                         self.server = Some(s);
                         Flow::Continue
@@ -527,10 +527,6 @@ fn pool_for(proxy: &Proxy, user: &str, database: &str) -> Arc<Pool> {
     )
 }
 
-fn cancel_target(conn: &ServerConn) -> Arc<CancelTarget> {
-    conn.cancel.clone()
-}
-
 /// A cancel request was forwarded to this server while the client held it. PostgreSQL signals
 /// the backend twice (the process, then its process group), and a signal handled after the
 /// cancelled query ended cancels the next query the backend reads: another client's, once the
@@ -561,7 +557,7 @@ async fn absorb_cancel(
 
 /// Cancels whatever the server runs, then closes it.
 fn cancel_and_discard(server: PooledServer) {
-    let target = cancel_target(&server.conn);
+    let target = server.conn.cancel.clone();
     tokio::spawn(async move {
         let _ =
             crate::backend::send_cancel(&target.host, target.port, target.pid, target.secret).await;

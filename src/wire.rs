@@ -135,20 +135,22 @@ fn startup_cstr<'a>(
     buf: &'a [u8],
     missing: &'static str,
 ) -> Result<(&'a str, &'a [u8]), WireError> {
-    let nul = buf
-        .iter()
-        .position(|&b| b == 0)
-        .ok_or(WireError::BadStartup(missing))?;
-    let s = std::str::from_utf8(&buf[..nul])
+    let (s, rest) = split_cstr(buf).ok_or(WireError::BadStartup(missing))?;
+    let s = std::str::from_utf8(s)
         .map_err(|_| WireError::BadStartup("startup parameter is not valid UTF-8"))?;
-    Ok((s, &buf[nul + 1..]))
+    Ok((s, rest))
 }
 
 /// Splits a NUL-terminated UTF-8 string off the front of `buf`.
 fn read_cstr(buf: &[u8]) -> Option<(&str, &[u8])> {
+    let (s, rest) = split_cstr(buf)?;
+    Some((std::str::from_utf8(s).ok()?, rest))
+}
+
+/// Splits the bytes before the first NUL off the front of `buf` (the NUL is dropped).
+fn split_cstr(buf: &[u8]) -> Option<(&[u8], &[u8])> {
     let nul = buf.iter().position(|&b| b == 0)?;
-    let s = std::str::from_utf8(&buf[..nul]).ok()?;
-    Some((s, &buf[nul + 1..]))
+    Some((&buf[..nul], &buf[nul + 1..]))
 }
 
 /// One step of walking a byte stream message by message, knowing only type and length.
