@@ -42,7 +42,8 @@
 #   PROXY_START_SECONDS  how long a proxy may take to answer (wait_sql), default 30
 #   PROXY_STOP_SECONDS   how long a proxy may take to exit on SIGTERM at exit (cleanup), default 5
 # Environment read here: PGBIN, BENCH_SKIP_BUILD, BENCH_KEEP, BENCH_WORKERS (pgswitch's workers,
-# default 1).
+# default 1), BENCH_SERVER_SOCKET (1: both proxies reach PostgreSQL through its Unix-domain socket
+# in $WORK/pg instead of 127.0.0.1 TCP; clients always use TCP).
 
 PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -172,10 +173,14 @@ EOF
 }
 
 # ---- the proxies ------------------------------------------------------------------------------
+server_host() { # where both proxies reach PostgreSQL: its TCP address or its socket directory
+    if [ "${BENCH_SERVER_SOCKET:-0}" = 1 ]; then echo "$WORK/pg"; else echo 127.0.0.1; fi
+}
+
 start_pgbouncer() { # [wrapper command...]
     cat >"$WORK/pgbouncer.ini" <<EOF
 [databases]
-bench = host=127.0.0.1 port=$PG_PORT dbname=bench
+bench = host=$(server_host) port=$PG_PORT dbname=bench
 
 [pgbouncer]
 listen_addr = 127.0.0.1
@@ -216,7 +221,7 @@ pool_size = $POOL
 
 [[nodes]]
 name = "n0"
-host = "127.0.0.1"
+host = "$(server_host)"
 port = $PG_PORT
 
 [control]

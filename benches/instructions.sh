@@ -44,6 +44,7 @@
 #   BENCH_POOL_SIZE     server pool size of both proxies, default 20
 #   BENCH_SCALE         pgbench -i scale, default 10
 #   BENCH_WORKERS       pgswitch worker threads (config key workers), default 1, like PgBouncer
+#   BENCH_SERVER_SOCKET=1  both proxies reach PostgreSQL over its Unix-domain socket
 #   BENCH_SKIP_BUILD=1  use the existing target/release/pgswitch
 #   BENCH_KEEP=1        keep the temporary directory (logs, callgrind dumps) after the run
 #

@@ -14,6 +14,8 @@
 #   BENCH_SCALE         pgbench -i scale, default 10
 #   BENCH_IDLE_CLIENTS  idle clients opened through each proxy, default 2000 (0 skips)
 #   BENCH_WORKERS       pgswitch worker threads (config key workers), default 1, like PgBouncer
+#   BENCH_SERVER_SOCKET=1  both proxies reach PostgreSQL over its Unix-domain socket (pgbench
+#                       still connects to all three over TCP)
 #   BENCH_SKIP_BUILD=1  use the existing target/release/pgswitch
 #   BENCH_KEEP=1        keep the temporary directory (logs) after the run
 #
@@ -54,7 +56,7 @@ start_postgres
 create_bench_db
 # shellcheck disable=SC2119 # both run natively here: no wrapper command
 start_proxies() { start_pgbouncer; start_pgswitch; }
-log "starting PgBouncer ($(pgbouncer --version | head -1)) on $PGB_PORT and pgswitch on $SW_PORT"
+log "starting PgBouncer ($(pgbouncer --version | head -1)) on $PGB_PORT and pgswitch on $SW_PORT, both reaching PostgreSQL at $(server_host)"
 start_proxies
 CLK_TCK=$(getconf CLK_TCK)
 LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)

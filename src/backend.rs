@@ -5,6 +5,8 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -17,7 +19,7 @@ use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use postgres_protocol::message::backend::Message;
 use postgres_protocol::message::frontend;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
-use tokio::net::TcpStream;
+use tokio::net::{TcpStream, UnixStream};
 
 use crate::cancel::CancelTarget;
 use crate::config::ServerTlsMode;
@@ -54,7 +56,7 @@ pub struct ServerLogin {
 /// descriptor number.
 #[derive(Default)]
 pub struct Fences {
-    conns: Mutex<HashMap<u64, (String, u16, std::net::TcpStream)>>,
+    conns: Mutex<HashMap<u64, (String, u16, OwnedFd)>>,
 }
 
 /// Removes a connection from `Fences` when it closes.
@@ -70,7 +72,7 @@ impl Drop for FenceGuard {
 }
 
 impl Fences {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, (String, u16, std::net::TcpStream)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, (String, u16, OwnedFd)>> {
         self.conns.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -78,18 +80,11 @@ impl Fences {
         self: &Arc<Self>,
         id: u64,
         target: &ServerTarget,
-        tcp: &TcpStream,
+        socket: &impl AsFd,
     ) -> Option<FenceGuard> {
-        use std::os::fd::AsFd;
-        let dup = tcp.as_fd().try_clone_to_owned().ok()?;
-        self.lock().insert(
-            id,
-            (
-                target.host.to_string(),
-                target.port,
-                std::net::TcpStream::from(dup),
-            ),
-        );
+        let dup = socket.as_fd().try_clone_to_owned().ok()?;
+        self.lock()
+            .insert(id, (target.host.to_string(), target.port, dup));
         Some(FenceGuard {
             id,
             fences: self.clone(),
@@ -101,9 +96,9 @@ impl Fences {
     pub fn cut(&self, host: &str, port: u16) -> usize {
         let conns = self.lock();
         let mut cut = 0;
-        for (h, p, tcp) in conns.values() {
+        for (h, p, fd) in conns.values() {
             if h == host && *p == port {
-                let _ = tcp.shutdown(std::net::Shutdown::Both);
+                let _ = socket2::SockRef::from(fd).shutdown(std::net::Shutdown::Both);
                 cut += 1;
             }
         }
@@ -220,18 +215,32 @@ impl ServerConn {
         login: &ServerLogin,
         epoch: u64,
     ) -> Result<ServerConn, ServerError> {
-        let addr = format!("{}:{}", target.host, target.port);
-        let tcp = TcpStream::connect(&addr)
-            .await
-            .map_err(|source| ServerError::Connect {
-                node: target.node.clone(),
-                addr: addr.clone(),
-                source,
-            })?;
-        stream::tune_server_socket(&tcp, login.connect_timeout.max(Duration::from_secs(5)));
         let id = NEXT_SERVER_ID.fetch_add(1, Ordering::Relaxed);
-        let fence = login.fences.register(id, target, &tcp);
-        let stream = negotiate_tls(tcp, target, login.tls).await?;
+        let connect_error = |addr: String| {
+            move |source| ServerError::Connect {
+                node: target.node.clone(),
+                addr,
+                source,
+            }
+        };
+        let (fence, stream) = match socket_path(&target.host, target.port) {
+            Some(path) => {
+                let socket = UnixStream::connect(&path)
+                    .await
+                    .map_err(connect_error(path.display().to_string()))?;
+                let fence = login.fences.register(id, target, &socket);
+                (fence, Stream::Local(socket))
+            }
+            None => {
+                let addr = format!("{}:{}", target.host, target.port);
+                let tcp = TcpStream::connect(&addr)
+                    .await
+                    .map_err(connect_error(addr))?;
+                stream::tune_server_socket(&tcp, login.connect_timeout.max(Duration::from_secs(5)));
+                let fence = login.fences.register(id, target, &tcp);
+                (fence, negotiate_tls(tcp, target, login.tls).await?)
+            }
+        };
         let mut conn = ServerConn {
             _fence: fence,
             id,
@@ -509,9 +518,9 @@ impl ServerConn {
             return true;
         }
         let mut probe = [0u8; 1];
-        if let Stream::Plain(tcp) = &self.stream {
-            // Known-unreadable sockets answer without a system call or a waker registration.
-            return !matches!(tcp.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock);
+        // Known-unreadable sockets answer without a system call or a waker registration.
+        if let Some(read) = self.stream.try_read_raw(&mut probe) {
+            return !matches!(read, Err(e) if e.kind() == io::ErrorKind::WouldBlock);
         }
         let mut read_buf = ReadBuf::new(&mut probe);
         let mut cx = Context::from_waker(std::task::Waker::noop());
@@ -596,16 +605,30 @@ pub fn quote_literal(value: &str) -> String {
     }
 }
 
+/// The Unix-domain socket a node `host` names, as libpq reads it: a host that is an absolute path
+/// is the directory holding PostgreSQL's socket `.s.PGSQL.<port>`.
+pub fn socket_path(host: &str, port: u16) -> Option<PathBuf> {
+    host.starts_with('/')
+        .then(|| PathBuf::from(host).join(format!(".s.PGSQL.{port}")))
+}
+
 /// Sends a CancelRequest for a server backend, on a fresh connection as the protocol requires.
 pub async fn send_cancel(host: &str, port: u16, pid: u32, secret: u32) -> io::Result<()> {
-    let mut tcp = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect((host, port)))
+    let connect = async {
+        Ok::<_, io::Error>(match socket_path(host, port) {
+            Some(path) => Stream::Local(UnixStream::connect(path).await?),
+            None => Stream::Plain(TcpStream::connect((host, port)).await?),
+        })
+    };
+    let mut socket = tokio::time::timeout(Duration::from_secs(5), connect)
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "cancel connect timed out"))??;
-    tcp.write_all(&crate::wire::cancel_request(pid, secret))
+    socket
+        .write_all(&crate::wire::cancel_request(pid, secret))
         .await?;
     // The server closes the connection once it has read the request.
     let mut sink = [0u8; 16];
-    let _ = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut sink)).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), socket.read(&mut sink)).await;
     Ok(())
 }
 

@@ -403,6 +403,12 @@ impl PgNode {
         HOST
     }
 
+    /// The directory holding the node's Unix-domain socket (`.s.PGSQL.<port>`): as a `host`,
+    /// it makes libpq and pgswitch connect through the socket instead of TCP.
+    pub fn socket_dir(&self) -> &Path {
+        &self.socket_dir
+    }
+
     /// The first line of `data_dir/postmaster.pid` (may be stale after a crash).
     pub fn postmaster_pid(&self) -> Option<i32> {
         let text = fs::read_to_string(self.data_dir.join("postmaster.pid")).ok()?;
@@ -875,7 +881,8 @@ fn common_conf(spec: &ClusterSpec) -> String {
 
 fn hba_conf(auth: HostAuth) -> String {
     let method = auth.hba_method();
-    let mut hba = String::from("# pgswitch harness\nlocal all all trust\n");
+    let mut hba =
+        String::from("# pgswitch harness\nlocal replication all trust\nlocal all all trust\n");
     for net in ["127.0.0.1/32", "::1/128"] {
         hba.push_str(&format!(
             "host replication all {net} trust\n\

@@ -1399,10 +1399,10 @@ fn read_hint(stream: &Stream, armed: &mut bool) -> ReadHint {
     if !std::mem::take(armed) {
         return ReadHint::Unknown;
     }
-    let Stream::Plain(tcp) = stream else {
+    if !stream.is_raw() {
         return ReadHint::Unknown;
-    };
-    match tcp.try_io(tokio::io::Interest::READABLE, || Ok(())) {
+    }
+    match stream.try_readable() {
         Ok(()) => ReadHint::Readable,
         Err(_) => {
             *armed = true;
@@ -1415,9 +1415,7 @@ fn read_hint(stream: &Stream, armed: &mut bool) -> ReadHint {
 /// the socket: `Pending` from a plain socket, unless the task ran out of its cooperative budget
 /// (then tokio woke the task instead of registering it).
 fn armed_by<T>(result: &Poll<T>, stream: &Stream) -> bool {
-    result.is_pending()
-        && matches!(stream, Stream::Plain(_))
-        && tokio::task::coop::has_budget_remaining()
+    result.is_pending() && stream.is_raw() && tokio::task::coop::has_budget_remaining()
 }
 
 /// The SQLSTATE of an ErrorResponse body whose severity is FATAL or PANIC.

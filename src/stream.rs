@@ -11,11 +11,14 @@ use std::time::Duration;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
+use tokio::net::{TcpStream, UnixStream};
 
-/// A connection to a client or a server: plain TCP, or TLS on either side.
+/// A connection to a client or a server: plain TCP, TLS on either side, or a Unix-domain socket
+/// to a PostgreSQL on the same host.
 pub enum Stream {
     Plain(TcpStream),
+    /// pgswitch is the client of a local PostgreSQL's socket (never TLS, as with libpq).
+    Local(UnixStream),
     /// pgswitch is the TLS server (client-facing).
     Accepted(Box<tokio_rustls::server::TlsStream<TcpStream>>),
     /// pgswitch is the TLS client (towards PostgreSQL).
@@ -24,7 +27,34 @@ pub enum Stream {
 
 impl Stream {
     pub fn is_tls(&self) -> bool {
-        !matches!(self, Stream::Plain(_))
+        matches!(self, Stream::Accepted(_) | Stream::Connected(_))
+    }
+
+    /// Whether reads come straight from a socket (no TLS buffering): readiness polls, `try_read`
+    /// and `try_io` tell the truth about it.
+    pub fn is_raw(&self) -> bool {
+        matches!(self, Stream::Plain(_) | Stream::Local(_))
+    }
+
+    /// Readiness without a system call or a waker registration: `Ok` when readable (or not a
+    /// raw socket, whose buffered plaintext only a read can find), `Err(WouldBlock)` when the
+    /// last read or readiness poll found nothing and no event arrived since.
+    pub fn try_readable(&self) -> io::Result<()> {
+        let readable = tokio::io::Interest::READABLE;
+        match self {
+            Stream::Plain(s) => s.try_io(readable, || Ok(())),
+            Stream::Local(s) => s.try_io(readable, || Ok(())),
+            _ => Ok(()),
+        }
+    }
+
+    /// A non-blocking read straight from a raw socket; `None` for TLS streams.
+    pub fn try_read_raw(&self, buf: &mut [u8]) -> Option<io::Result<usize>> {
+        match self {
+            Stream::Plain(s) => Some(s.try_read(buf)),
+            Stream::Local(s) => Some(s.try_read(buf)),
+            _ => None,
+        }
     }
 
     /// Ready when a read would not block. For TLS streams rustls may hold buffered plaintext,
@@ -32,15 +62,8 @@ impl Stream {
     pub fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self {
             Stream::Plain(s) => s.poll_read_ready(cx),
+            Stream::Local(s) => s.poll_read_ready(cx),
             _ => Poll::Ready(Ok(())),
-        }
-    }
-
-    pub fn tcp(&self) -> &TcpStream {
-        match self {
-            Stream::Plain(s) => s,
-            Stream::Accepted(s) => s.get_ref().0,
-            Stream::Connected(s) => s.get_ref().0,
         }
     }
 }
@@ -53,6 +76,7 @@ impl AsyncRead for Stream {
     ) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Local(s) => Pin::new(s).poll_read(cx, buf),
             Stream::Accepted(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
             Stream::Connected(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
         }
@@ -67,6 +91,7 @@ impl AsyncWrite for Stream {
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Local(s) => Pin::new(s).poll_write(cx, buf),
             Stream::Accepted(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
             Stream::Connected(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
         }
@@ -75,6 +100,7 @@ impl AsyncWrite for Stream {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Local(s) => Pin::new(s).poll_flush(cx),
             Stream::Accepted(s) => Pin::new(s.as_mut()).poll_flush(cx),
             Stream::Connected(s) => Pin::new(s.as_mut()).poll_flush(cx),
         }
@@ -83,6 +109,7 @@ impl AsyncWrite for Stream {
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Local(s) => Pin::new(s).poll_shutdown(cx),
             Stream::Accepted(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
             Stream::Connected(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }

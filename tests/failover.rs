@@ -1749,6 +1749,27 @@ async fn switchover_to(env: &TestEnv, to: &str) -> (Duration, String) {
     (took, answer.body)
 }
 
+/// Planned switchovers lose no acknowledged write, drop no client connection and fail at most
+/// `WRITERS` transactions in all (those in flight when an old primary was cut).
+fn assert_switchover_lost_nothing(s: &Summary) {
+    assert!(
+        s.missing.is_empty(),
+        "{} acknowledged writes lost by a planned switchover",
+        s.missing.len()
+    );
+    assert!(
+        s.errors_connect.is_empty() && s.reconnects == 0,
+        "a switchover must not drop client connections ({} connect errors, {} reconnections)",
+        s.errors_connect.len(),
+        s.reconnects
+    );
+    assert!(
+        s.errors_existing.len() <= WRITERS,
+        "{} writer errors (at most {WRITERS} expected)",
+        s.errors_existing.len()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn switchover_there_and_back_loses_nothing_and_drops_no_idle_client() {
     bounded("test", TEST_LIMIT, async {
@@ -1819,22 +1840,74 @@ async fn switchover_there_and_back_loses_nothing_and_drops_no_idle_client() {
         );
         print_failover_metrics(env, "switchover").await;
         assert!(idle_problems.is_empty(), "idle clients saw errors: {idle_problems:?}");
-        assert!(
-            s.missing.is_empty(),
-            "{} acknowledged writes lost by a planned switchover",
-            s.missing.len()
+        assert_switchover_lost_nothing(&s);
+        panic_watch::assert_no_proxy_panics();
+    })
+    .await
+}
+
+/// Nodes given by their socket directories: control connections, the server connections the
+/// fence cuts, the standbys' `primary_conninfo` and the rejoin hook all use the Unix socket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_switchover_between_nodes_given_by_socket_directories_loses_nothing() {
+    bounded("test", TEST_LIMIT, async {
+        panic_watch::install();
+        let env = TestEnv::start_on_sockets(ClusterSpec::default(), failover_config).await;
+        let dirs: Vec<String> = env
+            .proxy
+            .cluster
+            .current()
+            .nodes
+            .iter()
+            .map(|n| n.host.clone())
+            .collect();
+        assert!(dirs.iter().all(|d| d.starts_with('/')), "{dirs:?}");
+        let env = &env;
+        let port = env.port();
+        create_table(env).await;
+        wait_all_healthy(env).await;
+        let nodes = env.cluster.nodes.clone();
+        let work = Workload::start(port, WRITERS, 1);
+        let origin = Instant::now();
+        work.wait_acks_after(
+            origin,
+            100,
+            Duration::from_secs(60),
+            "100 inserts before the switchover",
+        )
+        .await;
+
+        let (took, body) = switchover_to(env, "n1").await;
+        println!("[socket switchover] to n1 in {}: {body}", ms(took));
+        assert_eq!(env.proxy.cluster.current().primary, Some(1));
+        let s1 = Instant::now();
+        work.wait_acks_after(s1, 50, Duration::from_secs(60), "writes on n1")
+            .await;
+        wait_streams_from(&nodes[2], &nodes[1], Duration::from_secs(60)).await;
+        let states = watch_rejoin(env, 0, &nodes[1], Duration::from_secs(180), s1).await;
+        println!(
+            "[socket switchover] n0 rejoined:\n  {}",
+            states.join("\n  ")
         );
-        assert!(
-            s.errors_connect.is_empty() && s.reconnects == 0,
-            "a switchover must not drop client connections ({} connect errors, {} reconnections)",
-            s.errors_connect.len(),
-            s.reconnects
-        );
-        assert!(
-            s.errors_existing.len() <= WRITERS,
-            "{} writer errors over two switchovers (at most a handful expected)",
-            s.errors_existing.len()
-        );
+        for standby in [0, 2] {
+            let sender = sql_row(
+                &nodes[standby],
+                "SELECT sender_host FROM pg_stat_wal_receiver WHERE status = 'streaming'",
+            )
+            .await
+            .expect("WAL receiver");
+            assert_eq!(
+                sender.first().cloned().flatten().as_deref(),
+                Some(dirs[1].as_str()),
+                "{} streams from n1's socket",
+                nodes[standby].name
+            );
+        }
+
+        let log = work.finish().await;
+        let present = ids_on(&nodes[1]).await;
+        let s = summarize("socket switchover", &log, WRITERS, &present, origin);
+        assert_switchover_lost_nothing(&s);
         panic_watch::assert_no_proxy_panics();
     })
     .await

@@ -179,24 +179,10 @@ async fn fifty_tokio_postgres_clients_share_five_servers_with_prepared_statement
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_cancel_stops_only_the_query_of_the_client_that_sent_it() {
-    let env = transaction_env(3).await;
-    let victim = env.connect().await;
+/// Starts `SELECT pg_sleep(30)` on `victim`, cancels it after 500 ms with the client's cancel
+/// key, and checks that it ends with 57014; returns how long the cancel took.
+async fn cancel_a_long_query(victim: tokio_postgres::Client) -> std::time::Duration {
     let token = victim.cancel_token();
-    // Twenty other clients keep the three servers busy with short sleeps.
-    let mut others = Vec::new();
-    for _ in 0..20 {
-        let client = env.connect().await;
-        others.push(tokio::spawn(async move {
-            for _ in 0..10 {
-                client
-                    .simple_query("SELECT pg_sleep(0.05)")
-                    .await
-                    .expect("another client's query is never cancelled");
-            }
-        }));
-    }
     let long = tokio::spawn(async move { victim.simple_query("SELECT pg_sleep(30)").await });
     // Let the long query start on some server.
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
@@ -215,7 +201,28 @@ async fn a_cancel_stops_only_the_query_of_the_client_that_sent_it() {
         Some("57014"),
         "{err}"
     );
-    println!("cancelled in {:?}", started.elapsed());
+    started.elapsed()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_stops_only_the_query_of_the_client_that_sent_it() {
+    let env = transaction_env(3).await;
+    let victim = env.connect().await;
+    // Twenty other clients keep the three servers busy with short sleeps.
+    let mut others = Vec::new();
+    for _ in 0..20 {
+        let client = env.connect().await;
+        others.push(tokio::spawn(async move {
+            for _ in 0..10 {
+                client
+                    .simple_query("SELECT pg_sleep(0.05)")
+                    .await
+                    .expect("another client's query is never cancelled");
+            }
+        }));
+    }
+    let took = cancel_a_long_query(victim).await;
+    println!("cancelled in {took:?}");
     for t in others {
         t.await.expect("other clients finished without a cancel");
     }
@@ -352,5 +359,87 @@ async fn server_connections_keep_a_minimum_expire_with_their_lifetime_and_open_a
     assert!(
         busiest <= 6,
         "connections opened faster than server_connect_rate: {starts:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_given_by_its_socket_directory_is_reached_over_the_unix_socket() {
+    let cluster_spec = ClusterSpec {
+        standbys: 0,
+        ..ClusterSpec::default()
+    };
+    let env = TestEnv::start_on_sockets(cluster_spec, |c| {
+        c.pool_mode = PoolMode::Transaction;
+        c.default_pool_size = 3;
+        c.pool_timeout_ms = 60_000;
+    })
+    .await;
+    let socket_dir = env.cluster.nodes[0].socket_dir().display().to_string();
+    let port = env.port();
+    let connect = move || async move {
+        let (client, connection) = tokio_postgres::connect(
+            &format!("host=127.0.0.1 port={port} user={USER} password={PASSWORD} dbname=postgres"),
+            tokio_postgres::NoTls,
+        )
+        .await
+        .expect("connect through pgswitch");
+        tokio::spawn(connection);
+        client
+    };
+
+    // Server connections are Unix-socket connections: PostgreSQL shows no client address.
+    let client = connect().await;
+    let row = client
+        .query_one(
+            "SELECT client_addr IS NULL AND client_port = -1 FROM pg_stat_activity WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .await
+        .expect("query over the socket");
+    assert!(
+        row.get::<_, bool>(0),
+        "the server connection is not a Unix-socket connection"
+    );
+
+    // Prepared statements from 20 clients over 3 server connections.
+    let mut tasks = Vec::new();
+    for i in 0..20i32 {
+        tasks.push(tokio::spawn(async move {
+            let client = connect().await;
+            let stmt = client
+                .prepare("SELECT $1::int4 * 2")
+                .await
+                .expect("prepare");
+            for j in 0..50i32 {
+                let row = client
+                    .query_one(&stmt, &[&(i * 100 + j)])
+                    .await
+                    .expect("execute");
+                assert_eq!(row.get::<_, i32>(0), (i * 100 + j) * 2);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("client task");
+    }
+
+    // A cancel travels over the socket too and stops the query.
+    cancel_a_long_query(connect().await).await;
+    client
+        .simple_query("SELECT 1")
+        .await
+        .expect("the other client is unaffected");
+
+    // Diagnosis (which found the primary the queries above went to) uses the socket as well.
+    let topology = env.proxy.cluster.current();
+    assert_eq!(
+        topology.primary,
+        Some(0),
+        "the socket node is known as the primary"
+    );
+    assert!(
+        topology.nodes[0].healthy && topology.nodes[0].host == socket_dir,
+        "{:?}",
+        topology.nodes[0]
     );
 }

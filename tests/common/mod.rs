@@ -45,12 +45,33 @@ pub fn config_for(cluster: &PgCluster, tweak: impl FnOnce(&mut Config)) -> Confi
 impl TestEnv {
     /// Starts a cluster per `spec` and a pgswitch configured by `tweak`.
     pub async fn start(spec: ClusterSpec, tweak: impl FnOnce(&mut Config)) -> TestEnv {
+        Self::start_with(spec, false, tweak).await
+    }
+
+    /// Like [`TestEnv::start`], with every node given to pgswitch by its socket directory, so
+    /// pgswitch reaches PostgreSQL over Unix-domain sockets.
+    pub async fn start_on_sockets(spec: ClusterSpec, tweak: impl FnOnce(&mut Config)) -> TestEnv {
+        Self::start_with(spec, true, tweak).await
+    }
+
+    async fn start_with(
+        spec: ClusterSpec,
+        sockets: bool,
+        tweak: impl FnOnce(&mut Config),
+    ) -> TestEnv {
         init_logging();
         let cluster = tokio::task::spawn_blocking(move || PgCluster::start(&spec))
             .await
             .expect("cluster task")
             .unwrap_or_else(|e| panic!("cannot start the PostgreSQL cluster: {e:#}"));
-        let config = config_for(&cluster, tweak);
+        let config = config_for(&cluster, |c| {
+            if sockets {
+                for (node, pg) in c.nodes.iter_mut().zip(&cluster.nodes) {
+                    node.host = pg.socket_dir().display().to_string();
+                }
+            }
+            tweak(c)
+        });
         let proxy = pgswitch::server::start(config)
             .await
             .expect("pgswitch starts");
