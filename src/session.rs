@@ -115,21 +115,13 @@ impl ClientSession {
             let flow = match end {
                 RelayEvent::NeedServer => match s.attach_now() {
                     Some(flow) => flow,
-                    None => {
-                        // Waiting reads the client outside the relay.
-                        s.relay.client_armed = false;
-                        Box::pin(s.attach_waiting()).await
-                    }
+                    None => Box::pin(s.attach_waiting()).await,
                 },
                 RelayEvent::ServerIdle => {
                     s.release_server();
                     Flow::Continue
                 }
-                other => {
-                    s.relay.client_armed = false;
-                    s.relay.server_armed = false;
-                    Box::pin(s.on_event(other)).await
-                }
+                other => Box::pin(s.on_event(other)).await,
             };
             if flow == Flow::End {
                 break;
@@ -282,7 +274,6 @@ impl Session {
     }
 
     fn attached(&mut self, mut server: PooledServer) {
-        self.relay.server_armed = false;
         self.relay.lend_buffers(&mut server.conn);
         self.cancel.slot.set(Some(server.conn.cancel.clone()));
         self.relay.answered = false;
@@ -682,10 +673,6 @@ struct Relay {
     transaction_started: Option<Instant>,
     /// Since the last Sync, everything was answered by pgswitch without a server.
     local_batch: bool,
-    /// The task's waker is registered for the client's (server's) readability and nothing
-    /// was read since: a cheap readiness check replaces the next read attempt.
-    client_armed: bool,
-    server_armed: bool,
 }
 
 impl Relay {
@@ -695,8 +682,6 @@ impl Relay {
             request_started: None,
             transaction_started: None,
             local_batch: false,
-            client_armed: false,
-            server_armed: false,
             server_fatal: None,
             mode,
             client_in: BytesMut::new(),
@@ -1249,24 +1234,14 @@ impl Relay {
                 if server.is_none() && self.client_in.is_empty() && self.to_client.is_empty() {
                     self.shrink_idle_buffers();
                 }
-                let hint = read_hint(client, &mut self.client_armed);
-                let ready = match hint {
-                    ReadHint::Unreadable => false,
-                    _ if self.client_in.capacity() > 0 => true,
-                    ReadHint::Readable => true,
-                    ReadHint::Unknown => {
-                        let ready = client.poll_read_ready(cx);
-                        self.client_armed = armed_by(&ready, client);
-                        ready.is_ready()
-                    }
-                };
+                // Without a buffer, readiness first: a buffer is taken only for bytes that
+                // are there.
+                let ready = self.client_in.capacity() > 0 || client.poll_read_ready(cx).is_ready();
                 if ready {
                     if self.client_in.capacity() == 0 {
                         self.client_in = buffers::take();
                     }
-                    let read = poll_read_more(&mut self.client_in, CLIENT_READ, client, cx);
-                    self.client_armed = armed_by(&read, client);
-                    match read {
+                    match poll_read_more(&mut self.client_in, CLIENT_READ, client, cx) {
                         Poll::Ready(Ok(0)) => {
                             return Poll::Ready(RelayEvent::ClientGone(
                                 io::ErrorKind::UnexpectedEof.into(),
@@ -1298,15 +1273,8 @@ impl Relay {
                 }
                 continue;
             };
-            if self.to_client.len() < HIGH_WATER
-                && !matches!(
-                    read_hint(&conn.stream, &mut self.server_armed),
-                    ReadHint::Unreadable
-                )
-            {
-                let read = poll_read_more(&mut self.server_in, SERVER_READ, &mut conn.stream, cx);
-                self.server_armed = armed_by(&read, &conn.stream);
-                match read {
+            if self.to_client.len() < HIGH_WATER {
+                match poll_read_more(&mut self.server_in, SERVER_READ, &mut conn.stream, cx) {
                     Poll::Ready(Ok(0)) => {
                         return Poll::Ready(RelayEvent::ServerGone(
                             io::ErrorKind::UnexpectedEof.into(),
@@ -1381,41 +1349,6 @@ fn poll_read_more(
     }
     let n = ready!(poll_read_buf(Pin::new(io), cx, buf))?;
     Poll::Ready(Ok(n))
-}
-
-/// What is known about a socket's readability before reading it.
-enum ReadHint {
-    /// Not readable, and the task's waker is registered for when it becomes so: no read.
-    Unreadable,
-    /// Readable (a read is due).
-    Readable,
-    /// Not known: read (or poll readiness), which registers the waker if it is not readable.
-    Unknown,
-}
-
-/// Checks an armed socket's readiness without a read or a waker registration (tokio keeps the
-/// registered waker until the socket becomes readable). Disarms unless it is still unreadable.
-fn read_hint(stream: &Stream, armed: &mut bool) -> ReadHint {
-    if !std::mem::take(armed) {
-        return ReadHint::Unknown;
-    }
-    if !stream.is_raw() {
-        return ReadHint::Unknown;
-    }
-    match stream.try_readable() {
-        Ok(()) => ReadHint::Readable,
-        Err(_) => {
-            *armed = true;
-            ReadHint::Unreadable
-        }
-    }
-}
-
-/// Whether a read (or readiness poll) that returned this left the task's waker registered with
-/// the socket: `Pending` from a plain socket, unless the task ran out of its cooperative budget
-/// (then tokio woke the task instead of registering it).
-fn armed_by<T>(result: &Poll<T>, stream: &Stream) -> bool {
-    result.is_pending() && stream.is_raw() && tokio::task::coop::has_budget_remaining()
 }
 
 /// The SQLSTATE of an ErrorResponse body whose severity is FATAL or PANIC.

@@ -30,24 +30,6 @@ impl Stream {
         matches!(self, Stream::Accepted(_) | Stream::Connected(_))
     }
 
-    /// Whether reads come straight from a socket (no TLS buffering): readiness polls, `try_read`
-    /// and `try_io` tell the truth about it.
-    pub fn is_raw(&self) -> bool {
-        matches!(self, Stream::Plain(_) | Stream::Local(_))
-    }
-
-    /// Readiness without a system call or a waker registration: `Ok` when readable (or not a
-    /// raw socket, whose buffered plaintext only a read can find), `Err(WouldBlock)` when the
-    /// last read or readiness poll found nothing and no event arrived since.
-    pub fn try_readable(&self) -> io::Result<()> {
-        let readable = tokio::io::Interest::READABLE;
-        match self {
-            Stream::Plain(s) => s.try_io(readable, || Ok(())),
-            Stream::Local(s) => s.try_io(readable, || Ok(())),
-            _ => Ok(()),
-        }
-    }
-
     /// A non-blocking read straight from a raw socket; `None` for TLS streams.
     pub fn try_read_raw(&self, buf: &mut [u8]) -> Option<io::Result<usize>> {
         match self {
