@@ -215,31 +215,25 @@ impl ServerConn {
         login: &ServerLogin,
         epoch: u64,
     ) -> Result<ServerConn, ServerError> {
+        let stream =
+            dial(&target.host, target.port)
+                .await
+                .map_err(|source| ServerError::Connect {
+                    node: target.node.clone(),
+                    addr: match socket_path(&target.host, target.port) {
+                        Some(path) => path.display().to_string(),
+                        None => format!("{}:{}", target.host, target.port),
+                    },
+                    source,
+                })?;
         let id = NEXT_SERVER_ID.fetch_add(1, Ordering::Relaxed);
-        let connect_error = |addr: String| {
-            move |source| ServerError::Connect {
-                node: target.node.clone(),
-                addr,
-                source,
-            }
-        };
-        let (fence, stream) = match socket_path(&target.host, target.port) {
-            Some(path) => {
-                let socket = UnixStream::connect(&path)
-                    .await
-                    .map_err(connect_error(path.display().to_string()))?;
-                let fence = login.fences.register(id, target, &socket);
-                (fence, Stream::Local(socket))
-            }
-            None => {
-                let addr = format!("{}:{}", target.host, target.port);
-                let tcp = TcpStream::connect(&addr)
-                    .await
-                    .map_err(connect_error(addr))?;
+        let fence = login.fences.register(id, target, &stream);
+        let stream = match stream {
+            Stream::Plain(tcp) => {
                 stream::tune_server_socket(&tcp, login.connect_timeout.max(Duration::from_secs(5)));
-                let fence = login.fences.register(id, target, &tcp);
-                (fence, negotiate_tls(tcp, target, login.tls).await?)
+                negotiate_tls(tcp, target, login.tls).await?
             }
+            local => local,
         };
         let mut conn = ServerConn {
             _fence: fence,
@@ -330,10 +324,9 @@ impl ServerConn {
                 }
                 Message::BackendKeyData(body) => {
                     self.cancel = Arc::new(CancelTarget {
-                        host: self.target.host.clone(),
-                        port: self.target.port,
                         pid: body.process_id() as u32,
                         secret: body.secret_key() as u32,
+                        ..CancelTarget::clone(&self.cancel)
                     });
                 }
                 Message::ReadyForQuery(_) => {
@@ -612,19 +605,21 @@ pub fn socket_path(host: &str, port: u16) -> Option<PathBuf> {
         .then(|| PathBuf::from(host).join(format!(".s.PGSQL.{port}")))
 }
 
+/// Connects to a node as libpq does: through the socket in a socket directory, or over TCP.
+async fn dial(host: &str, port: u16) -> io::Result<Stream> {
+    Ok(match socket_path(host, port) {
+        Some(path) => Stream::Local(UnixStream::connect(path).await?),
+        None => Stream::Plain(TcpStream::connect((host, port)).await?),
+    })
+}
+
 /// Sends a CancelRequest for a server backend, on a fresh connection as the protocol requires.
-pub async fn send_cancel(host: &str, port: u16, pid: u32, secret: u32) -> io::Result<()> {
-    let connect = async {
-        Ok::<_, io::Error>(match socket_path(host, port) {
-            Some(path) => Stream::Local(UnixStream::connect(path).await?),
-            None => Stream::Plain(TcpStream::connect((host, port)).await?),
-        })
-    };
-    let mut socket = tokio::time::timeout(Duration::from_secs(5), connect)
+pub async fn send_cancel(target: &CancelTarget) -> io::Result<()> {
+    let mut socket = tokio::time::timeout(Duration::from_secs(5), dial(&target.host, target.port))
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "cancel connect timed out"))??;
     socket
-        .write_all(&crate::wire::cancel_request(pid, secret))
+        .write_all(&crate::wire::cancel_request(target.pid, target.secret))
         .await?;
     // The server closes the connection once it has read the request.
     let mut sink = [0u8; 16];

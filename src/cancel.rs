@@ -141,7 +141,7 @@ impl CancelRegistry {
             return;
         };
         info!(pid, server_pid = t.pid, host = %t.host, port = t.port, "forwarding cancel request");
-        if let Err(e) = backend::send_cancel(&t.host, t.port, t.pid, t.secret).await {
+        if let Err(e) = backend::send_cancel(&t).await {
             info!(pid, error = %e, "cancel request could not be delivered");
         }
         let _ = delivered.send(true);

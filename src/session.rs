@@ -366,12 +366,9 @@ impl Session {
                 // Not in a transaction: move the session to the new primary with its
                 // parameters and prepared statements.
                 match reattach(&self.proxy, &self.pool, relay).await {
-                    Ok(mut s) => {
+                    Ok(s) => {
                         info!(client = id, server = s.conn.id, node = %s.conn.target.node, "idle session moved to the new primary");
-                        relay.lend_buffers(&mut s.conn);
-                        self.cancel.slot.set(Some(s.conn.cancel.clone()));
-                        relay.answered = false;
-                        self.server = Some(s);
+                        self.attached(s);
                         Flow::Continue
                     }
                     Err(e) => {
@@ -550,8 +547,7 @@ async fn absorb_cancel(
 fn cancel_and_discard(server: PooledServer) {
     let target = server.conn.cancel.clone();
     tokio::spawn(async move {
-        let _ =
-            crate::backend::send_cancel(&target.host, target.port, target.pid, target.secret).await;
+        let _ = crate::backend::send_cancel(&target).await;
     });
     server.discard();
 }
@@ -1294,10 +1290,8 @@ impl Relay {
             match self.process_server(conn, statements) {
                 Ok(p) => {
                     progress |= p;
-                    if !self.tracker.confirmed.is_empty() {
-                        for name in self.tracker.confirmed.drain(..) {
-                            self.pool.known_statements.insert(name);
-                        }
+                    for name in self.tracker.confirmed.drain(..) {
+                        self.pool.known_statements.insert(name);
                     }
                 }
                 Err(e) => {

@@ -50,6 +50,17 @@ impl Stream {
     }
 }
 
+impl std::os::fd::AsFd for Stream {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        match self {
+            Stream::Plain(s) => s.as_fd(),
+            Stream::Local(s) => s.as_fd(),
+            Stream::Accepted(s) => s.get_ref().0.as_fd(),
+            Stream::Connected(s) => s.get_ref().0.as_fd(),
+        }
+    }
+}
+
 impl AsyncRead for Stream {
     fn poll_read(
         self: Pin<&mut Self>,

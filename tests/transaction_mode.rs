@@ -121,10 +121,7 @@ async fn fifty_tokio_postgres_clients_share_five_servers_with_prepared_statement
     for c in 0..50i32 {
         let dsn = env.app_dsn();
         tasks.push(tokio::spawn(async move {
-            let (client, connection) = tokio_postgres::connect(&dsn, tokio_postgres::NoTls)
-                .await
-                .expect("connect through pgswitch");
-            tokio::spawn(connection);
+            let client = common::connect(&dsn).await;
             // Statements prepared once per client and used across many transactions, which
             // land on whichever of the 5 servers is free.
             let insert = client
@@ -375,20 +372,10 @@ async fn a_node_given_by_its_socket_directory_is_reached_over_the_unix_socket() 
     })
     .await;
     let socket_dir = env.cluster.nodes[0].socket_dir().display().to_string();
-    let port = env.port();
-    let connect = move || async move {
-        let (client, connection) = tokio_postgres::connect(
-            &format!("host=127.0.0.1 port={port} user={USER} password={PASSWORD} dbname=postgres"),
-            tokio_postgres::NoTls,
-        )
-        .await
-        .expect("connect through pgswitch");
-        tokio::spawn(connection);
-        client
-    };
+    let dsn = env.app_dsn();
 
     // Server connections are Unix-socket connections: PostgreSQL shows no client address.
-    let client = connect().await;
+    let client = env.connect().await;
     let row = client
         .query_one(
             "SELECT client_addr IS NULL AND client_port = -1 FROM pg_stat_activity WHERE pid = pg_backend_pid()",
@@ -404,8 +391,9 @@ async fn a_node_given_by_its_socket_directory_is_reached_over_the_unix_socket() 
     // Prepared statements from 20 clients over 3 server connections.
     let mut tasks = Vec::new();
     for i in 0..20i32 {
+        let dsn = dsn.clone();
         tasks.push(tokio::spawn(async move {
-            let client = connect().await;
+            let client = common::connect(&dsn).await;
             let stmt = client
                 .prepare("SELECT $1::int4 * 2")
                 .await
@@ -424,7 +412,7 @@ async fn a_node_given_by_its_socket_directory_is_reached_over_the_unix_socket() 
     }
 
     // A cancel travels over the socket too and stops the query.
-    cancel_a_long_query(connect().await).await;
+    cancel_a_long_query(env.connect().await).await;
     client
         .simple_query("SELECT 1")
         .await

@@ -108,12 +108,18 @@ impl TestEnv {
 
     /// Connects with tokio-postgres through pgswitch.
     pub async fn connect(&self) -> tokio_postgres::Client {
-        let (client, connection) = tokio_postgres::connect(&self.app_dsn(), tokio_postgres::NoTls)
-            .await
-            .expect("connect through pgswitch");
-        tokio::spawn(connection);
-        client
+        connect(&self.app_dsn()).await
     }
+}
+
+/// Connects with tokio-postgres to `dsn` (pgswitch's, from [`TestEnv::app_dsn`]) and drives the
+/// connection in a task of its own; usable from tasks that cannot borrow the `TestEnv`.
+pub async fn connect(dsn: &str) -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(dsn, tokio_postgres::NoTls)
+        .await
+        .expect("connect through pgswitch");
+    tokio::spawn(connection);
+    client
 }
 
 /// Awaits `f`, failing the test when it takes longer than `limit`.
