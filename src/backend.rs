@@ -54,9 +54,21 @@ pub struct ServerLogin {
 /// primary at once — even to a hung one, whose sockets would otherwise wait for TCP timeouts.
 /// Each entry holds a duplicate of the socket's descriptor, so cutting never touches a reused
 /// descriptor number.
+///
+/// Fences also keep, per node, when one of its server connections last finished answering a
+/// client: the failover controller's proof that a primary whose diagnosis failed still serves.
 #[derive(Default)]
 pub struct Fences {
     conns: Mutex<HashMap<u64, (String, u16, OwnedFd)>>,
+    answered: Mutex<HashMap<(String, u16), Arc<AtomicU64>>>,
+}
+
+/// Microseconds since pgswitch's clock started (its first use): a monotonic time that fits in
+/// an atomic.
+pub fn clock_micros(at: Instant) -> u64 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let start = *START.get_or_init(Instant::now);
+    u64::try_from(at.saturating_duration_since(start).as_micros()).unwrap_or(u64::MAX)
 }
 
 /// Removes a connection from `Fences` when it closes.
@@ -89,6 +101,24 @@ impl Fences {
             id,
             fences: self.clone(),
         })
+    }
+
+    /// Where the server connections to `target` record their answers.
+    fn answered_slot(&self, target: &ServerTarget) -> Arc<AtomicU64> {
+        let mut answered = self.answered.lock().unwrap_or_else(|p| p.into_inner());
+        answered
+            .entry((target.host.to_string(), target.port))
+            .or_default()
+            .clone()
+    }
+
+    /// Whether a server connection to `host:port` finished answering a client at or after
+    /// `since`.
+    pub fn answered_since(&self, host: &str, port: u16, since: Instant) -> bool {
+        let answered = self.answered.lock().unwrap_or_else(|p| p.into_inner());
+        answered
+            .get(&(host.to_string(), port))
+            .is_some_and(|at| at.load(Ordering::Relaxed) >= clock_micros(since).max(1))
     }
 
     /// Shuts down every server socket to `host:port`; the sessions using them see the
@@ -161,6 +191,9 @@ pub struct ServerConn {
     /// Where a cancel for this connection goes: its host and BackendKeyData (shared with the
     /// cancel slot of the client using it, so attaching copies no string).
     pub cancel: Arc<CancelTarget>,
+    /// When a connection to this node last finished answering a client ([`clock_micros`]),
+    /// shared by all of the node's connections (see [`Fences::answered_since`]).
+    pub answered: Arc<AtomicU64>,
     /// Values the server reported with ParameterStatus.
     pub params: BTreeMap<String, String>,
     /// Values pgswitch set on this connection that the server does not report.
@@ -246,6 +279,7 @@ impl ServerConn {
                 pid: 0,
                 secret: 0,
             }),
+            answered: login.fences.answered_slot(target),
             params: BTreeMap::new(),
             applied: BTreeMap::new(),
             pending: BytesMut::new(),

@@ -94,6 +94,8 @@ pub struct Controller {
     /// Diagnoses in a row in which the primary did not serve writes.
     primary_failures: u32,
     failing_since: Option<Instant>,
+    /// When the last diagnosis of every node began.
+    diagnosis_started: Option<Instant>,
     /// The primary's last healthy diagnosis: LSN, timeline, synchronous_standby_names.
     last_primary_lsn: Option<u64>,
     last_primary_timeline: Option<u32>,
@@ -137,6 +139,7 @@ impl Controller {
                 state: ClusterState::default(),
                 primary_failures: 0,
                 failing_since: None,
+                diagnosis_started: None,
                 last_primary_lsn: None,
                 last_primary_timeline: None,
                 last_sync_names: None,
@@ -210,6 +213,7 @@ impl Controller {
     }
 
     async fn diagnose_all(&mut self) {
+        self.diagnosis_started = Some(Instant::now());
         self.diagnose_except(None).await;
     }
 
@@ -282,8 +286,6 @@ impl Controller {
             self.set_reason(None);
             return;
         }
-        self.primary_failures += 1;
-        self.failing_since.get_or_insert_with(Instant::now);
         let why = if !node.healthy {
             node.last_error
                 .clone()
@@ -293,6 +295,27 @@ impl Controller {
         } else {
             "it is read-only".into()
         };
+        if !node.healthy
+            && self
+                .diagnosis_started
+                .is_some_and(|at| self.fences.answered_since(&node.host, node.port, at))
+        {
+            // Clients' requests finished on it while its diagnosis failed: it is busy (or only
+            // the control path is stuck), not down. A hung or dead primary answers no one.
+            if self.primary_failures > 0 {
+                info!(node = %node.name, "primary answered clients while its diagnosis failed: failures reset");
+            }
+            let reason = format!(
+                "primary {} failed a diagnosis ({why}) but answered clients meanwhile: busy, not failed over",
+                node.name
+            );
+            self.primary_failures = 0;
+            self.failing_since = None;
+            self.set_reason(Some(reason));
+            return;
+        }
+        self.primary_failures += 1;
+        self.failing_since.get_or_insert_with(Instant::now);
         if self.primary_failures < self.config.diagnosis.failures {
             info!(node = %node.name, failures = self.primary_failures, "primary failed a diagnosis ({why}); diagnosing again");
             return;

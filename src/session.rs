@@ -14,6 +14,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
@@ -1058,7 +1059,11 @@ impl Relay {
                     self.answered = true;
                     if self.awaiting_ready == 0 {
                         self.commit_in_flight = false;
-                        self.record_latencies();
+                        let now = Instant::now();
+                        // The failover controller's evidence that this node serves.
+                        conn.answered
+                            .store(crate::backend::clock_micros(now), Ordering::Relaxed);
+                        self.record_latencies(now);
                     }
                 }
                 b'S' => {
@@ -1164,11 +1169,10 @@ impl Relay {
 
     /// The client's requests are all answered: the query (and, when the server is idle again,
     /// the transaction) took from its first request until now.
-    fn record_latencies(&mut self) {
+    fn record_latencies(&mut self, now: Instant) {
         let Some(query) = self.request_started.take() else {
             return;
         };
-        let now = Instant::now();
         self.pool
             .metrics
             .query_finished(now.duration_since(query).as_secs_f64());

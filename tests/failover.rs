@@ -84,6 +84,18 @@ where
 }
 
 /// SQLSTATE (or "-") and a readable message of a tokio-postgres error.
+/// Waits (up to 30 s) until pgswitch publishes a reason containing `needle`; returns it.
+async fn wait_for_reason(env: &TestEnv, what: &str, needle: &'static str) -> String {
+    wait_for(what, Duration::from_secs(30), || async move {
+        let t = env.proxy.cluster.current();
+        match &t.reason {
+            Some(r) if r.contains(needle) => Ok(r.clone()),
+            other => Err(format!("reason {other:?}, primary {:?}", t.primary)),
+        }
+    })
+    .await
+}
+
 fn describe(e: &tokio_postgres::Error) -> (String, String) {
     match e.as_db_error() {
         Some(db) => (
@@ -1337,18 +1349,7 @@ async fn a_broken_path_to_a_primary_that_still_streams_wal_does_not_fail_over() 
         let acks_at_cut = direct_acks.load(Ordering::Relaxed);
         println!("[relay] cut: {closed} relayed connections closed, new ones black-holed");
 
-        let reason = wait_for(
-            "pgswitch explains why it does not fail over",
-            Duration::from_secs(30),
-            || async move {
-                let t = env.proxy.cluster.current();
-                match &t.reason {
-                    Some(r) if r.contains("WAL") => Ok(r.clone()),
-                    other => Err(format!("reason {other:?}, primary {:?}", t.primary)),
-                }
-            },
-        )
-        .await;
+        let reason = wait_for_reason(env, "pgswitch explains why it does not fail over", "WAL").await;
         println!(
             "[relay] {} after the cut, reason: {reason}",
             ms(cut_at.elapsed())
@@ -1432,6 +1433,130 @@ async fn a_broken_path_to_a_primary_that_still_streams_wal_does_not_fail_over() 
             status_reasons.iter().any(|r| r.contains("WAL")),
             "/status does not say why there was no failover (reasons found: {status_reasons:?}); full /status: {st}"
         );
+        panic_watch::assert_no_proxy_panics();
+    })
+    .await
+}
+
+/// A primary whose diagnosis hangs while it keeps answering clients is busy, not down. Every
+/// diagnosis query of n0 waits on a lock (a transaction holds `pg_stat_wal_receiver`, which
+/// the diagnosis reads), while readers through pgswitch keep getting answers from n0. The
+/// readers write nothing, so no WAL reaches the standbys and their corroboration cannot help:
+/// only the readers' answers show that n0 serves. Without that evidence pgswitch promotes a
+/// standby after three diagnosis timeouts, although n0 never stopped answering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_that_answers_clients_while_its_diagnosis_hangs_is_not_failed_over() {
+    bounded("test", TEST_LIMIT, async {
+        panic_watch::install();
+        let env = TestEnv::start(ClusterSpec::default(), |c| {
+            failover_config(c);
+            c.diagnosis.interval_ms = 200;
+            c.diagnosis.timeout_ms = 300;
+        })
+        .await;
+        let env = &env;
+        let n0 = env.cluster.nodes[0].clone();
+        create_table(env).await;
+        wait_all_healthy(env).await;
+        let topo = TopologyLog::start(env);
+        let epoch0 = env.proxy.cluster.current().epoch;
+
+        let stop = Arc::new(AtomicBool::new(false));
+        let answers = Arc::new(AtomicUsize::new(0));
+        let errors = Arc::new(Mutex::new(Vec::<String>::new()));
+        let mut readers = Vec::new();
+        for _ in 0..4 {
+            let client = env.connect().await;
+            let (stop, answers, errors) = (stop.clone(), answers.clone(), errors.clone());
+            readers.push(tokio::spawn(async move {
+                while !stop.load(Ordering::SeqCst) {
+                    let read = client.query_one("SELECT count(*) FROM t", &[]);
+                    match tokio::time::timeout(Duration::from_secs(10), read).await {
+                        Ok(Ok(_)) => {
+                            answers.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok(Err(e)) => errors.lock().unwrap().push(describe(&e).1),
+                        Err(_) => errors.lock().unwrap().push("no answer within 10 s".into()),
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+
+        let locker = direct(&n0).await.expect("direct connection to n0");
+        bounded(
+            "lock pg_stat_wal_receiver",
+            STEP,
+            locker.batch_execute(
+                "BEGIN; LOCK TABLE pg_catalog.pg_stat_wal_receiver IN ACCESS EXCLUSIVE MODE",
+            ),
+        )
+        .await
+        .expect("LOCK TABLE pg_stat_wal_receiver");
+        let locked_at = Instant::now();
+        let answers_at_lock = answers.load(Ordering::Relaxed);
+
+        let reason =
+            wait_for_reason(env, "pgswitch says n0 is busy, not failed", "answered clients").await;
+        println!("[busy] {} after the lock, reason: {reason}", ms(locked_at.elapsed()));
+
+        // Twenty diagnosis timeouts' worth (failures = 3 would fail over after three).
+        let watch_until = locked_at + Duration::from_secs(6);
+        let mut checks = 0;
+        while Instant::now() < watch_until {
+            let t = env.proxy.cluster.current();
+            assert_eq!(t.primary, Some(0), "n0 is not routed to (reason {:?})", t.reason);
+            assert!(!t.holding, "pgswitch holds transactions (reason {:?})", t.reason);
+            assert_eq!(t.epoch, epoch0, "the epoch changed: a failover ran");
+            checks += 1;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let st = status_json(env).await;
+        let status_reasons = reasons_in(&st);
+        let n0_failures = env.proxy.cluster.current().nodes[0].consecutive_failures;
+        let during = answers.load(Ordering::Relaxed) - answers_at_lock;
+        println!(
+            "[busy] {checks} checks over {}: n0 routed to throughout, {n0_failures} failed diagnoses of n0 in a row, readers got {during} answers; /status reasons: {status_reasons:?}",
+            ms(locked_at.elapsed())
+        );
+        assert!(
+            n0_failures >= 5,
+            "the lock should have made n0's diagnoses fail ({n0_failures} in a row)"
+        );
+        assert!(during > 50, "the readers should keep getting answers ({during})");
+        assert!(
+            status_reasons.iter().any(|r| r.contains("answered clients")),
+            "/status does not say why there was no failover (reasons found: {status_reasons:?})"
+        );
+
+        // Released: n0 is diagnosed healthy again and the reason goes.
+        bounded("COMMIT", STEP, locker.batch_execute("COMMIT"))
+            .await
+            .expect("COMMIT");
+        wait_for("n0 healthy, no reason", Duration::from_secs(30), || async move {
+            let t = env.proxy.cluster.current();
+            if t.primary == Some(0) && t.reason.is_none() && t.nodes[0].healthy {
+                Ok(())
+            } else {
+                Err(format!("primary {:?}, reason {:?}", t.primary, t.reason))
+            }
+        })
+        .await;
+        stop.store(true, Ordering::SeqCst);
+        for r in readers {
+            let _ = tokio::time::timeout(Duration::from_secs(15), r).await;
+        }
+        topo.print(locked_at, "busy");
+        for s in &env.cluster.nodes[1..] {
+            assert!(
+                in_recovery(s).await.expect("standby answers"),
+                "{} was promoted although n0 served",
+                s.name
+            );
+        }
+        let errs = errors.lock().unwrap().clone();
+        assert!(errs.is_empty(), "readers saw errors: {errs:?}");
         panic_watch::assert_no_proxy_panics();
     })
     .await
