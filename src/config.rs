@@ -517,7 +517,13 @@ impl Config {
                     "must be between 1 and 65535",
                 ));
             }
-            if !endpoints.insert((node.host.as_str(), node.port)) {
+            // A socket directory with or without its trailing slash is the same directory.
+            let host = match node.host.trim_end_matches('/') {
+                "" => "/",
+                trimmed if node.host.starts_with('/') => trimmed,
+                _ => node.host.as_str(),
+            };
+            if !endpoints.insert((host, node.port)) {
                 return Err(invalid(
                     format!("{key}.port"),
                     format!(
@@ -720,6 +726,19 @@ port = 5432
         ));
         assert!(
             e.contains("nodes[1].name") && e.contains("duplicate"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn one_socket_directory_written_two_ways_is_one_endpoint() {
+        let text = format!(
+            "{MINIMAL}\n[[nodes]]\nname = \"a\"\nhost = \"/run/pg\"\nport = 5432\n\
+             [[nodes]]\nname = \"b\"\nhost = \"/run/pg/\"\nport = 5432\n"
+        );
+        let e = err(&text);
+        assert!(
+            e.contains("nodes[2].port") && e.contains("already used"),
             "{e}"
         );
     }
