@@ -1450,8 +1450,10 @@ async fn a_primary_that_answers_clients_while_its_diagnosis_hangs_is_not_failed_
         panic_watch::install();
         let env = TestEnv::start(ClusterSpec::default(), |c| {
             failover_config(c);
+            // The default timeout: on a loaded machine the readers' answers still land well
+            // inside each diagnosis window.
             c.diagnosis.interval_ms = 200;
-            c.diagnosis.timeout_ms = 300;
+            c.diagnosis.timeout_ms = 1000;
         })
         .await;
         let env = &env;
@@ -1501,8 +1503,8 @@ async fn a_primary_that_answers_clients_while_its_diagnosis_hangs_is_not_failed_
             wait_for_reason(env, "pgswitch says n0 is busy, not failed", "answered clients").await;
         println!("[busy] {} after the lock, reason: {reason}", ms(locked_at.elapsed()));
 
-        // Twenty diagnosis timeouts' worth (failures = 3 would fail over after three).
-        let watch_until = locked_at + Duration::from_secs(6);
+        // Six or so diagnosis timeouts (failures = 3 would fail over after three).
+        let watch_until = locked_at + Duration::from_secs(8);
         let mut checks = 0;
         while Instant::now() < watch_until {
             let t = env.proxy.cluster.current();
@@ -1521,7 +1523,7 @@ async fn a_primary_that_answers_clients_while_its_diagnosis_hangs_is_not_failed_
             ms(locked_at.elapsed())
         );
         assert!(
-            n0_failures >= 5,
+            n0_failures >= 4,
             "the lock should have made n0's diagnoses fail ({n0_failures} in a row)"
         );
         assert!(during > 50, "the readers should keep getting answers ({during})");
