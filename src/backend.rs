@@ -63,12 +63,14 @@ pub struct Fences {
     answered: Mutex<HashMap<(String, u16), Arc<AtomicU64>>>,
 }
 
-/// Microseconds since pgswitch's clock started (its first use): a monotonic time that fits in
-/// an atomic.
+/// 1 + microseconds since pgswitch's clock started (its first use): a monotonic time that
+/// fits in an atomic, where 0 means "never". Instants before the start read as 1.
 pub fn clock_micros(at: Instant) -> u64 {
     static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
     let start = *START.get_or_init(Instant::now);
-    u64::try_from(at.saturating_duration_since(start).as_micros()).unwrap_or(u64::MAX)
+    u64::try_from(at.saturating_duration_since(start).as_micros())
+        .unwrap_or(u64::MAX - 1)
+        .saturating_add(1)
 }
 
 /// Removes a connection from `Fences` when it closes.
@@ -118,7 +120,7 @@ impl Fences {
         let answered = self.answered.lock().unwrap_or_else(|p| p.into_inner());
         answered
             .get(&(host.to_string(), port))
-            .is_some_and(|at| at.load(Ordering::Relaxed) >= clock_micros(since).max(1))
+            .is_some_and(|at| at.load(Ordering::Relaxed) >= clock_micros(since))
     }
 
     /// Shuts down every server socket to `host:port`; the sessions using them see the
@@ -669,5 +671,37 @@ mod tests {
     fn literals_are_quoted() {
         assert_eq!(quote_literal("it's"), "'it''s'");
         assert_eq!(quote_literal("a\\b"), "E'a\\\\b'");
+    }
+
+    #[test]
+    fn a_node_answered_since_only_after_a_later_answer() {
+        let fences = Fences::default();
+        let target = ServerTarget {
+            node: "n0".into(),
+            host: "127.0.0.1".into(),
+            port: 5432,
+        };
+        let before = Instant::now();
+        assert!(
+            !fences.answered_since("127.0.0.1", 5432, before),
+            "never answered"
+        );
+        let slot = fences.answered_slot(&target);
+        assert!(
+            Arc::ptr_eq(&slot, &fences.answered_slot(&target)),
+            "one slot per node"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+        slot.store(clock_micros(Instant::now()), Ordering::Relaxed);
+        assert!(fences.answered_since("127.0.0.1", 5432, before));
+        assert!(
+            !fences.answered_since("127.0.0.1", 5433, before),
+            "another node"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+        assert!(
+            !fences.answered_since("127.0.0.1", 5432, Instant::now()),
+            "no answer after a later start"
+        );
     }
 }
