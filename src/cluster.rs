@@ -329,10 +329,11 @@ fn parse_diagnosis(messages: &[SimpleQueryMessage]) -> Result<Diagnosis, String>
             diagnosis.len()
         ));
     };
-    let text = |i: usize| -> Result<Option<&str>, String> {
+    fn text_in(row: &SimpleQueryRow, i: usize) -> Result<Option<&str>, String> {
         row.try_get(i)
             .map_err(|e| format!("unexpected column {i} in a control answer: {e}"))
-    };
+    }
+    let text = |i: usize| text_in(row, i);
     let flag = |i: usize| -> Result<Option<bool>, String> {
         match text(i)? {
             None => Ok(None),
@@ -369,11 +370,7 @@ fn parse_diagnosis(messages: &[SimpleQueryMessage]) -> Result<Diagnosis, String>
         latency: Duration::ZERO,
     };
     for r in rows(statements.next()) {
-        let get = |i: usize| -> Result<String, String> {
-            r.try_get(i)
-                .map_err(|e| format!("unexpected column {i} in a control answer: {e}"))
-                .map(|v| v.unwrap_or_default().to_string())
-        };
+        let get = |i: usize| text_in(r, i).map(|v| v.unwrap_or_default().to_string());
         d.replicas.push(Replica {
             application_name: get(0)?,
             state: get(1)?,

@@ -517,13 +517,9 @@ impl Config {
                     "must be between 1 and 65535",
                 ));
             }
-            // A socket directory with or without its trailing slash is the same directory.
-            let host = match node.host.trim_end_matches('/') {
-                "" => "/",
-                trimmed if node.host.starts_with('/') => trimmed,
-                _ => node.host.as_str(),
-            };
-            if !endpoints.insert((host, node.port)) {
+            // Hosts compare as paths (host names hold no '/'): a socket directory written
+            // with a trailing slash or a doubled one is still the same directory.
+            if !endpoints.insert((std::path::Path::new(&node.host), node.port)) {
                 return Err(invalid(
                     format!("{key}.port"),
                     format!(
