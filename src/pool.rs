@@ -97,9 +97,15 @@ impl Drop for Lease {
 
 impl PooledServer {
     /// Returns a clean, idle connection to the pool for reuse.
-    pub fn release(self) {
-        let PooledServer { mut conn, lease } = self;
-        conn.last_used = Instant::now();
+    pub fn release(mut self) {
+        self.conn.last_used = Instant::now();
+        self.release_used();
+    }
+
+    /// `release` for a connection whose `last_used` is already up to date (the relay sets it
+    /// at the ReadyForQuery that ended its transaction).
+    pub fn release_used(self) {
+        let PooledServer { conn, lease } = self;
         if conn.expires <= conn.last_used {
             debug!(server = conn.id, node = %conn.target.node, "server connection reached server_lifetime_ms; closing it");
             tokio::spawn(conn.close());

@@ -104,24 +104,32 @@ impl ClientSession {
         let (id, addr) = (session.id, session.addr);
         loop {
             let s = &mut *session;
+            // The two events of every transaction (a server taken without waiting, a server
+            // handed back) are handled inside one poll, so the relay knows which sockets it
+            // already found unreadable in this poll of the task.
             let end = std::future::poll_fn(|cx| {
-                s.relay.poll(
-                    cx,
-                    &mut s.stream,
-                    s.server.as_mut().map(|s| &mut *s.conn),
-                    &mut s.statements,
-                )
+                let mut armed = Armed::default();
+                loop {
+                    let event = ready!(s.relay.poll(
+                        cx,
+                        &mut s.stream,
+                        s.server.as_mut().map(|s| &mut *s.conn),
+                        &mut s.statements,
+                        &mut armed,
+                    ));
+                    match event {
+                        RelayEvent::NeedServer if s.attach_now() => armed.server = false,
+                        RelayEvent::ServerIdle => {
+                            s.release_server();
+                            armed.server = false;
+                        }
+                        other => return Poll::Ready(other),
+                    }
+                }
             })
             .await;
             let flow = match end {
-                RelayEvent::NeedServer => match s.attach_now() {
-                    Some(flow) => flow,
-                    None => Box::pin(s.attach_waiting()).await,
-                },
-                RelayEvent::ServerIdle => {
-                    s.release_server();
-                    Flow::Continue
-                }
+                RelayEvent::NeedServer => Box::pin(s.attach_waiting()).await,
                 other => Box::pin(s.on_event(other)).await,
             };
             if flow == Flow::End {
@@ -221,19 +229,21 @@ impl Session {
     }
 
     /// Nearly every transaction: an idle server that already has the client's parameters,
-    /// taken without waiting, timers or allocation. `None`: the caller waits for one.
-    fn attach_now(&mut self) -> Option<Flow> {
+    /// taken without waiting, timers or allocation. `false`: the caller waits for one.
+    fn attach_now(&mut self) -> bool {
         if self.proxy.is_paused() {
-            return None;
+            return false;
         }
-        let mut server = self.pool.try_acquire_now(&self.proxy.cluster)?;
+        let Some(mut server) = self.pool.try_acquire_now(&self.proxy.cluster) else {
+            return false;
+        };
         if !server.conn.params_match(&self.relay.wanted) {
             // Parameters to set first: a round trip, on the waiting path.
             self.server = Some(server);
-            return None;
+            return false;
         }
         self.attached(server);
-        Some(Flow::Continue)
+        true
     }
 
     /// Waits for a server (or sets the parameters of the one `attach_now` found), while
@@ -287,7 +297,8 @@ impl Session {
         if let Some(mut s) = self.server.take() {
             self.relay.return_buffers(&mut s.conn);
             match cancelled {
-                None => s.release(),
+                // Its last ReadyForQuery (which made it idle) set its last use.
+                None => s.release_used(),
                 Some(cancelled) => {
                     tokio::spawn(settle_after_cancel(s, cancelled));
                 }
@@ -611,6 +622,18 @@ enum RelayEvent {
     ClientProtocol(WireError),
     /// The server's socket closed or failed.
     ServerGone(io::Error),
+}
+
+/// Sockets whose read came back `Pending` in the current poll of the session's task. Pending
+/// means tokio registered the task's waker for the socket's readability, and readiness only
+/// changes when the I/O driver runs, which is between polls of the task (on any thread, a new
+/// event wakes the registered waker and the task is polled again). So within one poll a second
+/// read of such a socket would find the same nothing: it is skipped. Made anew for every poll of
+/// the task, never kept across polls: between them the waker may have been used up.
+#[derive(Debug, Default)]
+struct Armed {
+    client: bool,
+    server: bool,
 }
 
 /// One message being streamed through: the body bytes still to come.
@@ -1060,6 +1083,7 @@ impl Relay {
                     if self.awaiting_ready == 0 {
                         self.commit_in_flight = false;
                         let now = Instant::now();
+                        conn.last_used = now;
                         // The failover controller's evidence that this node serves.
                         conn.answered
                             .store(crate::backend::clock_micros(now), Ordering::Relaxed);
@@ -1192,6 +1216,7 @@ impl Relay {
         client: &mut Stream,
         mut server: Option<&mut ServerConn>,
         statements: &mut ClientStatements,
+        armed: &mut Armed,
     ) -> Poll<RelayEvent> {
         loop {
             // Progress is what was read or framed: writing comes first in each round, so the
@@ -1226,6 +1251,7 @@ impl Relay {
                 return Poll::Ready(RelayEvent::ClientLeft);
             }
             if !self.client_done
+                && !armed.client
                 && self.to_server.len() < HIGH_WATER
                 && self.client_in.len() < HIGH_WATER
             {
@@ -1236,24 +1262,30 @@ impl Relay {
                 }
                 // Without a buffer, readiness first: a buffer is taken only for bytes that
                 // are there.
-                let ready = self.client_in.capacity() > 0 || client.poll_read_ready(cx).is_ready();
-                if ready {
-                    if self.client_in.capacity() == 0 {
-                        self.client_in = buffers::take();
-                    }
-                    match poll_read_more(&mut self.client_in, CLIENT_READ, client, cx) {
-                        Poll::Ready(Ok(0)) => {
-                            return Poll::Ready(RelayEvent::ClientGone(
-                                io::ErrorKind::UnexpectedEof.into(),
-                            ))
+                let read = if self.client_in.capacity() > 0 {
+                    poll_read_more(&mut self.client_in, CLIENT_READ, client, cx)
+                } else {
+                    match client.poll_read_ready(cx) {
+                        Poll::Ready(Ok(())) => {
+                            self.client_in = buffers::take();
+                            poll_read_more(&mut self.client_in, CLIENT_READ, client, cx)
                         }
-                        Poll::Ready(Ok(n)) => {
-                            metrics::bytes_relayed(Direction::ClientToServer, n as u64);
-                            progress = true;
-                        }
-                        Poll::Ready(Err(e)) => return Poll::Ready(RelayEvent::ClientGone(e)),
-                        Poll::Pending => {}
+                        Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                        Poll::Pending => Poll::Pending,
                     }
+                };
+                match read {
+                    Poll::Ready(Ok(0)) => {
+                        return Poll::Ready(RelayEvent::ClientGone(
+                            io::ErrorKind::UnexpectedEof.into(),
+                        ))
+                    }
+                    Poll::Ready(Ok(n)) => {
+                        metrics::bytes_relayed(Direction::ClientToServer, n as u64);
+                        progress = true;
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(RelayEvent::ClientGone(e)),
+                    Poll::Pending => armed.client = true,
                 }
             }
             match self.process_client(server.as_deref_mut(), statements) {
@@ -1273,7 +1305,7 @@ impl Relay {
                 }
                 continue;
             };
-            if self.to_client.len() < HIGH_WATER {
+            if !armed.server && self.to_client.len() < HIGH_WATER {
                 match poll_read_more(&mut self.server_in, SERVER_READ, &mut conn.stream, cx) {
                     Poll::Ready(Ok(0)) => {
                         return Poll::Ready(RelayEvent::ServerGone(
@@ -1285,7 +1317,7 @@ impl Relay {
                         progress = true;
                     }
                     Poll::Ready(Err(e)) => return Poll::Ready(RelayEvent::ServerGone(e)),
-                    Poll::Pending => {}
+                    Poll::Pending => armed.server = true,
                 }
             }
             if self.to_client.capacity() == 0 && !self.server_in.is_empty() {
