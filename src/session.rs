@@ -20,7 +20,7 @@ use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::io::{poll_read_buf, poll_write_buf};
 use tracing::{debug, info, warn};
@@ -42,6 +42,9 @@ use crate::wire::{self, Severity, WireError};
 const HIGH_WATER: usize = 256 * 1024;
 /// How much one read from a client asks for.
 const CLIENT_READ: usize = 8 * 1024;
+/// The first read of a client that holds no buffer (between transactions) goes to the stack:
+/// most requests fit, and a bigger one is read on into the buffer taken for it.
+const PROBE_READ: usize = 1024;
 /// How much one read from a server asks for.
 const SERVER_READ: usize = 32 * 1024;
 
@@ -1260,15 +1263,21 @@ impl Relay {
                 if server.is_none() && self.client_in.is_empty() && self.to_client.is_empty() {
                     self.shrink_idle_buffers();
                 }
-                // Without a buffer, readiness first: a buffer is taken only for bytes that
-                // are there.
                 let read = if self.client_in.capacity() > 0 {
                     poll_read_more(&mut self.client_in, CLIENT_READ, client, cx)
                 } else {
-                    match client.poll_read_ready(cx) {
+                    // Without a buffer, the read goes to the stack first: a buffer is taken
+                    // only for bytes that are there (one readiness poll, not two).
+                    let mut probe = [std::mem::MaybeUninit::<u8>::uninit(); PROBE_READ];
+                    let mut probe = ReadBuf::uninit(&mut probe);
+                    match Pin::new(&mut *client).poll_read(cx, &mut probe) {
                         Poll::Ready(Ok(())) => {
-                            self.client_in = buffers::take();
-                            poll_read_more(&mut self.client_in, CLIENT_READ, client, cx)
+                            let got = probe.filled();
+                            if !got.is_empty() {
+                                self.client_in = buffers::take();
+                                self.client_in.extend_from_slice(got);
+                            }
+                            Poll::Ready(Ok(got.len()))
                         }
                         Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
                         Poll::Pending => Poll::Pending,
