@@ -65,13 +65,13 @@ if awk -v l="${LOAD_START%% *}" 'BEGIN { exit !(l > 1.5) }'; then
 fi
 
 # ---- pgbench runs -----------------------------------------------------------------------------
-cpu_ticks() { # pid -> utime+stime of the whole process (all threads)
+cpu_ticks() { # pid -> "utime+stime utime" of the whole process (all threads)
     local f
-    read -r -a f <"/proc/$1/stat" || { echo 0; return; }
-    echo $((f[13] + f[14]))
+    read -r -a f <"/proc/$1/stat" || { echo 0 0; return; }
+    echo $((f[13] + f[14])) "${f[13]}"
 }
 
-RESULTS=$WORK/results.tsv # round target mode clients status tps cpu_us_per_tx
+RESULTS=$WORK/results.tsv # round target mode clients status tps cpu_us_per_tx user_us_per_tx
 : >"$RESULTS"
 declare -A BROKEN=()
 RUN=0
@@ -81,7 +81,7 @@ run_one() {
     local target=$1 port=$2 pid=$3 mode=$4 clients=$5 round=$6
     local key="$target/$mode/$clients"
     if [ -n "${BROKEN[$key]:-}" ]; then
-        printf '%s\t%s\t%s\t%s\tskip\t\t\n' "$round" "$target" "$mode" "$clients" >>"$RESULTS"
+        printf '%s\t%s\t%s\t%s\tskip\t\t\t\n' "$round" "$target" "$mode" "$clients" >>"$RESULTS"
         return
     fi
     RUN=$((RUN + 1))
@@ -95,7 +95,7 @@ run_one() {
         2>&1 >"$out.out" | while IFS= read -r line; do
             printf '%s\n' "$line" >>"$out.err"
             case $line in
-            progress:*) printf '%s %s\n' "$(if [ -n "$pid" ]; then cpu_ticks "$pid"; else echo 0; fi)" "$line" >>"$samples" ;;
+            progress:*) printf '%s %s\n' "$(if [ -n "$pid" ]; then cpu_ticks "$pid"; else echo 0 0; fi)" "$line" >>"$samples" ;;
             esac
         done
     local rc=${PIPESTATUS[0]}
@@ -107,44 +107,47 @@ run_one() {
         local why
         why=$(grep -h -m1 -iE 'error|aborted|fatal' "$out.err" "$out.out" 2>/dev/null | head -1 | cut -c1-200 || true)
         log "  $target -M $mode -c $clients: FAILED (rc $rc): ${why:-see $out.*}"
-        printf '%s\t%s\t%s\t%s\tfail\t\t\n' "$round" "$target" "$mode" "$clients" >>"$RESULTS"
+        printf '%s\t%s\t%s\t%s\tfail\t\t\t\n' "$round" "$target" "$mode" "$clients" >>"$RESULTS"
         [ "$target" = pgbouncer ] || printf '%s\n' "$target -M $mode -c $clients round $round: rc $rc: $why" >>"$WORK/failures.txt"
         return
     fi
-    local cpu stall
-    read -r cpu stall < <(python3 - "$samples" "$CLK_TCK" "$pid" <<'EOF'
+    local cpu user stall
+    read -r cpu user stall < <(python3 - "$samples" "$CLK_TCK" "$pid" <<'EOF'
 import statistics, sys
 rows = []
 for line in open(sys.argv[1]):
     parts = line.split()
-    # "<ticks> progress: 2.0 s, 12345.6 tps, lat ..."
+    # "<ticks> <user ticks> progress: 2.0 s, 12345.6 tps, lat ..."
     try:
-        rows.append((int(parts[0]), float(parts[2]), float(parts[4])))
+        rows.append((int(parts[0]), int(parts[1]), float(parts[3]), float(parts[5])))
     except (IndexError, ValueError):
         pass
-cpu = "-"
+cpu = user = "-"
 if sys.argv[3] and len(rows) >= 2:
     ticks = rows[-1][0] - rows[0][0]
-    txns = sum(tps * (t - rows[i][1]) for i, (_, t, tps) in enumerate(rows[1:]))
+    uticks = rows[-1][1] - rows[0][1]
+    txns = sum(tps * (t - rows[i][2]) for i, (_, _, t, tps) in enumerate(rows[1:]))
     if txns > 0:
         cpu = f"{ticks * 1e6 / int(sys.argv[2]) / txns:.2f}"
+        user = f"{uticks * 1e6 / int(sys.argv[2]) / txns:.2f}"
 # A stall: a 1 s interval (after the first) below a third of the run's median rate.
 stall = ""
-rates = [r[2] for r in rows[1:]]
+rates = [r[3] for r in rows[1:]]
 if rates:
     med = statistics.median(rates)
-    low = [(t, tps) for _, t, tps in rows[1:] if tps < med / 3]
+    low = [(t, tps) for _, _, t, tps in rows[1:] if tps < med / 3]
     if low:
         stall = "stall:" + ",".join(f"{tps:.0f}tps@{t:.0f}s" for t, tps in low) + f"(median:{med:.0f})"
-print(cpu, stall)
+print(cpu, user, stall)
 EOF
 )
     [ "$cpu" = - ] && cpu=
+    [ "$user" = - ] && user=
     [ -n "$stall" ] && {
         log "    $target -M $mode -c $clients round $round: $stall"
         printf '%s -M %s -c %s round %s: %s\n' "$target" "$mode" "$clients" "$round" "$stall" >>"$WORK/stalls.txt"
     }
-    log "  $target -M $mode -c $clients: $tps tps${cpu:+, $cpu us proxy CPU/tx} (load $(cut -d' ' -f1 /proc/loadavg))"
+    log "  $target -M $mode -c $clients: $tps tps${cpu:+, $cpu us proxy CPU/tx ($user user)} (load $(cut -d' ' -f1 /proc/loadavg))"
     if [ "$target" = pgswitch ]; then
         local warns
         warns=$(tail -n +$((log_lines + 1)) "$WORK/pgswitch.log" | grep -E 'WARN|ERROR' || true)
@@ -153,7 +156,7 @@ EOF
             printf 'round %s -M %s -c %s: %s\n' "$round" "$mode" "$clients" "$(printf '%s\n' "$warns" | sed 's/^[^ ]* *//' | sort | uniq -c | tr -s ' ' | paste -sd';')" >>"$WORK/sw-warnings.txt"
         fi
     fi
-    printf '%s\t%s\t%s\t%s\tok\t%s\t%s\n' "$round" "$target" "$mode" "$clients" "$tps" "$cpu" >>"$RESULTS"
+    printf '%s\t%s\t%s\t%s\tok\t%s\t%s\t%s\n' "$round" "$target" "$mode" "$clients" "$tps" "$cpu" "$user" >>"$RESULTS"
 }
 
 for round in $(seq "$ROUNDS"); do
@@ -191,9 +194,9 @@ python3 - "$RESULTS" "$IDLE_RESULTS" <<EOF
 import statistics, sys
 from collections import defaultdict
 
-tps = defaultdict(list); cpu = defaultdict(list); failed = set()
+tps = defaultdict(list); cpu = defaultdict(list); user = defaultdict(list); failed = set()
 for line in open(sys.argv[1]):
-    rnd, target, mode, clients, status, t, c = line.rstrip("\n").split("\t")
+    rnd, target, mode, clients, status, t, c, u = line.rstrip("\n").split("\t")
     key = (mode, int(clients), target)
     if status == "fail":
         failed.add(key)
@@ -201,6 +204,8 @@ for line in open(sys.argv[1]):
         tps[key].append(float(t))
         if c:
             cpu[key].append(float(c))
+        if u:
+            user[key].append(float(u))
 
 def med(d, key):
     v = d.get(key)
@@ -215,18 +220,20 @@ print("pgbench -S, $SECS s per run, $ROUNDS rounds interleaved (direct, pgbounce
 print("pool size $POOL on both proxies, transaction mode, scram-sha-256, -j 2, scale $SCALE;")
 print("load average before the runs: $LOAD_START (2 cores: above ~1.5 means other work shared the CPUs); after: $(cut -d' ' -f1-3 /proc/loadavg) (includes the benchmark)")
 print()
-hdr = f"{'mode':<9} {'clients':>7} {'direct':>9} {'pgbouncer':>9} {'pgswitch':>9} {'sw/pgb':>7} {'sw/direct':>9} {'pgb_us/tx':>9} {'sw_us/tx':>9}"
+hdr = f"{'mode':<9} {'clients':>7} {'direct':>9} {'pgbouncer':>9} {'pgswitch':>9} {'sw/pgb':>7} {'sw/direct':>9} {'pgb_us/tx':>9} {'sw_us/tx':>9} {'pgb_user':>8} {'sw_user':>8}"
 print(hdr); print("-" * len(hdr))
 for mode in "$MODES".split():
     for clients in [int(c) for c in "$CLIENTS".split()]:
         d, b, s = (med(tps, (mode, clients, t)) for t in ("direct", "pgbouncer", "pgswitch"))
         cb, cs = med(cpu, (mode, clients, "pgbouncer")), med(cpu, (mode, clients, "pgswitch"))
+        ub, us = med(user, (mode, clients, "pgbouncer")), med(user, (mode, clients, "pgswitch"))
         r1 = s / b if s and b else None
         r2 = s / d if s and d else None
-        print(f"{mode:<9} {clients:>7} {f(d, '9.0f')} {f(b, '>9.0f')} {f(s, '>9.0f')} {f(r1, '>7.2f')} {f(r2, '>9.2f')} {f(cb, '>9.1f')} {f(cs, '>9.1f')}")
+        print(f"{mode:<9} {clients:>7} {f(d, '9.0f')} {f(b, '>9.0f')} {f(s, '>9.0f')} {f(r1, '>7.2f')} {f(r2, '>9.2f')} {f(cb, '>9.1f')} {f(cs, '>9.1f')} {f(ub, '>8.1f')} {f(us, '>8.1f')}")
 print()
 print("us/tx = microseconds of proxy CPU (utime+stime, all threads) per transaction, median over rounds,")
-print("measured from pgbench's 1 s progress reports after the first one (connection setup excluded).")
+print("measured from pgbench's 1 s progress reports after the first one (connection setup excluded);")
+print("_user = its utime part alone (the proxy's own code; the rest is the kernel's socket work).")
 if failed:
     print("failed (n/a): " + ", ".join(f"{t} -M {m} -c {c}" for m, c, t in sorted(failed)))
 idle = [l.strip() for l in open(sys.argv[2]) if l.strip()]
