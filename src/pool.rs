@@ -260,12 +260,46 @@ impl Pool {
                 });
             }
         };
-        let hold_until = Instant::now() + hold;
         let lease = Lease {
             pool: self.clone(),
             _permit: permit,
         };
         self.counters.active.fetch_add(1, Ordering::Relaxed);
+        // A client that waited for a busy pool nearly always finds an idle connection now.
+        // The rest (no primary yet, opening a connection, holding through a failover) is
+        // boxed, so the future of every waiting client stays small.
+        if let Some(conn) = self.take_idle(cluster) {
+            self.metrics.pool_wait(started.elapsed().as_secs_f64());
+            return Ok(PooledServer { conn, lease });
+        }
+        Box::pin(self.open_or_hold(cluster, lease, started, hold)).await
+    }
+
+    /// An idle connection to the current primary, if there is one; stale ones found on the way
+    /// are closed.
+    fn take_idle(&self, cluster: &ClusterView) -> Option<Box<ServerConn>> {
+        let topology = cluster.topology.borrow();
+        let primary = topology.primary_name()?;
+        loop {
+            let mut conn = self.lock_idle().pop()?;
+            if conn.epoch >= topology.epoch && *conn.target.node == *primary && !conn.is_closed() {
+                return Some(conn);
+            }
+            debug!(server = conn.id, node = %conn.target.node, "discarding stale server connection");
+            tokio::spawn(conn.close());
+        }
+    }
+
+    /// `acquire` once a slot is held but no idle connection was at hand: waits for a primary,
+    /// takes an idle connection or opens one, holding the client while the primary is away.
+    async fn open_or_hold(
+        self: &Arc<Self>,
+        cluster: &ClusterView,
+        lease: Lease,
+        started: Instant,
+        hold: Duration,
+    ) -> Result<PooledServer, PoolError> {
+        let hold_until = Instant::now() + hold;
         loop {
             let left = hold_until.saturating_duration_since(Instant::now());
             let Some((target, epoch)) = cluster.wait_for_primary(left).await else {

@@ -261,11 +261,9 @@ impl Session {
                 return Flow::Continue;
             }
         }
-        let next = Box::pin(attach(&self.proxy, &self.pool, &self.relay.wanted, have));
-        let gone = Box::pin(read_until_closed(
-            &mut self.stream,
-            &mut self.relay.client_in,
-        ));
+        // Both futures live in this (boxed) future: a wait costs one allocation.
+        let next = attach(&self.proxy, &self.pool, &self.relay.wanted, have);
+        let gone = read_until_closed(&mut self.stream, &mut self.relay.client_in);
         let attached = tokio::select! {
             r = next => Some(r),
             _ = gone => None,
@@ -492,9 +490,12 @@ async fn attach(
                 AttachError::Pool(e)
             })?,
     };
-    if let Err(e) = server.conn.sync_params(params).await {
-        server.discard();
-        return Err(AttachError::Server(e));
+    // Setting parameters is a round trip, and rare: boxed, so the wait for a server stays small.
+    if !server.conn.params_match(params) {
+        if let Err(e) = Box::pin(server.conn.sync_params(params)).await {
+            server.discard();
+            return Err(AttachError::Server(e));
+        }
     }
     Ok(server)
 }
