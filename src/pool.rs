@@ -95,6 +95,12 @@ impl Drop for Lease {
     }
 }
 
+/// Whether an idle connection can serve the next transaction: it goes to `primary`, belongs
+/// to `epoch` or a later one, and the server has not closed it.
+fn usable(conn: &mut ServerConn, primary: &str, epoch: u64) -> bool {
+    conn.epoch >= epoch && *conn.target.node == *primary && !conn.is_closed()
+}
+
 impl PooledServer {
     /// Returns a clean, idle connection to the pool for reuse.
     pub fn release(mut self) {
@@ -214,10 +220,10 @@ impl Pool {
             let topology = cluster.topology.borrow();
             let primary = topology.primary_name()?;
             let mut idle = self.lock_idle();
-            let usable = idle.last_mut().is_some_and(|c| {
-                c.epoch >= topology.epoch && *c.target.node == *primary && !c.is_closed()
-            });
-            if !usable {
+            if !idle
+                .last_mut()
+                .is_some_and(|c| usable(c, primary, topology.epoch))
+            {
                 return None;
             }
             idle.pop()?
@@ -268,21 +274,25 @@ impl Pool {
         // A client that waited for a busy pool nearly always finds an idle connection now.
         // The rest (no primary yet, opening a connection, holding through a failover) is
         // boxed, so the future of every waiting client stays small.
-        if let Some(conn) = self.take_idle(cluster) {
+        let idle = {
+            let topology = cluster.topology.borrow();
+            topology
+                .primary_name()
+                .and_then(|primary| self.take_idle(primary, topology.epoch))
+        };
+        if let Some(conn) = idle {
             self.metrics.pool_wait(started.elapsed().as_secs_f64());
             return Ok(PooledServer { conn, lease });
         }
         Box::pin(self.open_or_hold(cluster, lease, started, hold)).await
     }
 
-    /// An idle connection to the current primary, if there is one; stale ones found on the way
-    /// are closed.
-    fn take_idle(&self, cluster: &ClusterView) -> Option<Box<ServerConn>> {
-        let topology = cluster.topology.borrow();
-        let primary = topology.primary_name()?;
+    /// An idle connection to `primary` from `epoch` on, if there is one; stale ones found on
+    /// the way are closed.
+    fn take_idle(&self, primary: &str, epoch: u64) -> Option<Box<ServerConn>> {
         loop {
             let mut conn = self.lock_idle().pop()?;
-            if conn.epoch >= topology.epoch && *conn.target.node == *primary && !conn.is_closed() {
+            if usable(&mut conn, primary, epoch) {
                 return Some(conn);
             }
             debug!(server = conn.id, node = %conn.target.node, "discarding stale server connection");
@@ -306,15 +316,9 @@ impl Pool {
                 metrics::pool_acquire_failed(&self.key.to_string(), AcquireFailure::NoPrimary);
                 return Err(PoolError::NoPrimary(hold.as_millis()));
             };
-            loop {
-                let candidate = self.lock_idle().pop();
-                let Some(mut conn) = candidate else { break };
-                if conn.target == target && conn.epoch >= epoch && !conn.is_closed() {
-                    self.metrics.pool_wait(started.elapsed().as_secs_f64());
-                    return Ok(PooledServer { conn, lease });
-                }
-                debug!(server = conn.id, node = %conn.target.node, "discarding stale server connection");
-                tokio::spawn(conn.close());
+            if let Some(conn) = self.take_idle(&target.node, epoch) {
+                self.metrics.pool_wait(started.elapsed().as_secs_f64());
+                return Ok(PooledServer { conn, lease });
             }
             let login = self.lock_login().clone();
             self.pace_connect().await;

@@ -1271,18 +1271,16 @@ impl Relay {
                     // only for bytes that are there (one readiness poll, not two).
                     let mut probe = [std::mem::MaybeUninit::<u8>::uninit(); PROBE_READ];
                     let mut probe = ReadBuf::uninit(&mut probe);
-                    match Pin::new(&mut *client).poll_read(cx, &mut probe) {
-                        Poll::Ready(Ok(())) => {
+                    Pin::new(&mut *client)
+                        .poll_read(cx, &mut probe)
+                        .map_ok(|()| {
                             let got = probe.filled();
                             if !got.is_empty() {
                                 self.client_in = buffers::take();
                                 self.client_in.extend_from_slice(got);
                             }
-                            Poll::Ready(Ok(got.len()))
-                        }
-                        Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-                        Poll::Pending => Poll::Pending,
-                    }
+                            got.len()
+                        })
                 };
                 match read {
                     Poll::Ready(Ok(0)) => {
