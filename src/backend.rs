@@ -63,16 +63,6 @@ pub struct Fences {
     answered: Mutex<HashMap<(String, u16), Arc<AtomicU64>>>,
 }
 
-/// 1 + microseconds since pgswitch's clock started (its first use): a monotonic time that
-/// fits in an atomic, where 0 means "never". Instants before the start read as 1.
-pub fn clock_micros(at: Instant) -> u64 {
-    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-    let start = *START.get_or_init(Instant::now);
-    u64::try_from(at.saturating_duration_since(start).as_micros())
-        .unwrap_or(u64::MAX - 1)
-        .saturating_add(1)
-}
-
 /// Removes a connection from `Fences` when it closes.
 pub struct FenceGuard {
     id: u64,
@@ -120,7 +110,7 @@ impl Fences {
         let answered = self.answered.lock().unwrap_or_else(|p| p.into_inner());
         answered
             .get(&(host.to_string(), port))
-            .is_some_and(|at| at.load(Ordering::Relaxed) >= clock_micros(since))
+            .is_some_and(|at| at.load(Ordering::Relaxed) >= crate::clock::micros(since))
     }
 
     /// Shuts down every server socket to `host:port`; the sessions using them see the
@@ -193,7 +183,7 @@ pub struct ServerConn {
     /// Where a cancel for this connection goes: its host and BackendKeyData (shared with the
     /// cancel slot of the client using it, so attaching copies no string).
     pub cancel: Arc<CancelTarget>,
-    /// When a connection to this node last finished answering a client ([`clock_micros`]),
+    /// When a connection to this node last finished answering a client ([`crate::clock`]),
     /// shared by all of the node's connections (see [`Fences::answered_since`]).
     pub answered: Arc<AtomicU64>,
     /// Values the server reported with ParameterStatus.
@@ -211,9 +201,10 @@ pub struct ServerConn {
     /// Transaction mode: the pgswitch-named prepared statements that exist on this server.
     pub statements: ServerStatements,
     pub created: Instant,
-    pub last_used: Instant,
-    /// When this connection is to be replaced (`server_lifetime_ms` ± 10 %).
-    pub expires: Instant,
+    /// When the connection was last used ([`crate::clock::now_micros`]).
+    pub last_used: u64,
+    /// When this connection is to be replaced (`server_lifetime_ms` ± 10 %), on the same clock.
+    pub expires: u64,
     /// Topology epoch the connection was opened in; a connection from an older epoch is closed.
     pub epoch: u64,
 }
@@ -262,6 +253,7 @@ impl ServerConn {
                     source,
                 })?;
         let id = NEXT_SERVER_ID.fetch_add(1, Ordering::Relaxed);
+        let now = crate::clock::now_micros();
         let fence = login.fences.register(id, target, &stream);
         let stream = match stream {
             Stream::Plain(tcp) => {
@@ -289,8 +281,10 @@ impl ServerConn {
             synced_params: 0,
             statements: ServerStatements::default(),
             created: Instant::now(),
-            last_used: Instant::now(),
-            expires: Instant::now() + login.lifetime.mul_f64(0.9 + 0.2 * rand::random::<f64>()),
+            last_used: now,
+            expires: now.saturating_add(crate::clock::duration_micros(
+                login.lifetime.mul_f64(0.9 + 0.2 * rand::random::<f64>()),
+            )),
             epoch,
         };
         conn.login(login).await?;
@@ -412,7 +406,7 @@ impl ServerConn {
         let mut out = BytesMut::new();
         frontend::query(sql, &mut out)?;
         self.stream.write_all(&out).await?;
-        self.last_used = Instant::now();
+        self.last_used = crate::clock::now_micros();
         self.read_until_ready().await
     }
 
@@ -692,7 +686,7 @@ mod tests {
             "one slot per node"
         );
         std::thread::sleep(Duration::from_millis(2));
-        slot.store(clock_micros(Instant::now()), Ordering::Relaxed);
+        slot.store(crate::clock::now_micros(), Ordering::Relaxed);
         assert!(fences.answered_since("127.0.0.1", 5432, before));
         assert!(
             !fences.answered_since("127.0.0.1", 5433, before),

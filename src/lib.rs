@@ -10,6 +10,7 @@ pub mod backend;
 pub mod buffers;
 pub mod cancel;
 pub mod client_error;
+pub mod clock;
 pub mod cluster;
 pub mod config;
 pub mod coord;

@@ -104,7 +104,7 @@ fn usable(conn: &mut ServerConn, primary: &str, epoch: u64) -> bool {
 impl PooledServer {
     /// Returns a clean, idle connection to the pool for reuse.
     pub fn release(mut self) {
-        self.conn.last_used = Instant::now();
+        self.conn.last_used = crate::clock::now_micros();
         self.release_used();
     }
 
@@ -395,7 +395,8 @@ impl Pool {
     /// Closes idle connections unused for longer than `idle_timeout` or past their lifetime,
     /// keeping `min_pool_size` connections open.
     pub fn close_idle(&self, idle_timeout: Duration) {
-        let now = Instant::now();
+        let now = crate::clock::now_micros();
+        let idle_timeout = crate::clock::duration_micros(idle_timeout);
         let active = self.counters.active.load(Ordering::Relaxed);
         let expired: Vec<Box<ServerConn>> = {
             let mut idle = self.lock_idle();
@@ -403,7 +404,7 @@ impl Pool {
             // Most recently used last: keep those.
             idle.sort_by_key(|c| std::cmp::Reverse(c.last_used));
             let (keep, expired): (Vec<_>, Vec<_>) = idle.drain(..).partition(|c| {
-                let fresh = now.duration_since(c.last_used) < idle_timeout && c.expires > now;
+                let fresh = now.saturating_sub(c.last_used) < idle_timeout && c.expires > now;
                 if fresh || (keep_at_least > 0 && c.expires > now) {
                     keep_at_least = keep_at_least.saturating_sub(1);
                     true

@@ -17,7 +17,7 @@ use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
@@ -29,6 +29,7 @@ use crate::backend::{ServerConn, ServerLogin};
 use crate::buffers;
 use crate::cancel::{CancelForwarded, CancelKey};
 use crate::client_error::ClientError;
+use crate::clock;
 use crate::config::PoolMode;
 use crate::frontend::{refuse, LoggedIn, Proxy};
 use crate::metrics::{self, AbortOutcome, Direction, Hazard};
@@ -691,10 +692,10 @@ struct Relay {
     pool: Arc<Pool>,
     /// SQLSTATE of a FATAL error the server sent before closing.
     server_fatal: Option<String>,
-    /// When the oldest unanswered request was sent.
-    request_started: Option<Instant>,
-    /// When the current transaction's first request was sent.
-    transaction_started: Option<Instant>,
+    /// When the oldest unanswered request was sent ([`clock::now_micros`]; 0: none).
+    request_started: u64,
+    /// When the current transaction's first request was sent (0: none).
+    transaction_started: u64,
     /// Since the last Sync, everything was answered by pgswitch without a server.
     local_batch: bool,
 }
@@ -703,8 +704,8 @@ impl Relay {
     fn new(proxy: &Proxy, mode: PoolMode, wanted: Arc<ParamSet>, pool: &Arc<Pool>) -> Relay {
         Relay {
             pool: pool.clone(),
-            request_started: None,
-            transaction_started: None,
+            request_started: 0,
+            transaction_started: 0,
             local_batch: false,
             server_fatal: None,
             mode,
@@ -880,9 +881,11 @@ impl Relay {
             };
             self.local_batch = false;
             if matches!(tag, b'Q' | b'F' | b'S') && self.awaiting_ready == 0 {
-                let now = Instant::now();
-                self.request_started = Some(now);
-                self.transaction_started.get_or_insert(now);
+                let now = clock::now_micros();
+                self.request_started = now;
+                if self.transaction_started == 0 {
+                    self.transaction_started = now;
+                }
             }
             match tag {
                 b'Q' | b'F' => self.awaiting_ready += 1,
@@ -1086,11 +1089,10 @@ impl Relay {
                     self.answered = true;
                     if self.awaiting_ready == 0 {
                         self.commit_in_flight = false;
-                        let now = Instant::now();
+                        let now = clock::now_micros();
                         conn.last_used = now;
                         // The failover controller's evidence that this node serves.
-                        conn.answered
-                            .store(crate::backend::clock_micros(now), Ordering::Relaxed);
+                        conn.answered.store(now, Ordering::Relaxed);
                         self.record_latencies(now);
                     }
                 }
@@ -1197,18 +1199,20 @@ impl Relay {
 
     /// The client's requests are all answered: the query (and, when the server is idle again,
     /// the transaction) took from its first request until now.
-    fn record_latencies(&mut self, now: Instant) {
-        let Some(query) = self.request_started.take() else {
+    fn record_latencies(&mut self, now: u64) {
+        let query = std::mem::take(&mut self.request_started);
+        if query == 0 {
             return;
-        };
+        }
         self.pool
             .metrics
-            .query_finished(now.duration_since(query).as_secs_f64());
+            .query_finished(clock::seconds_between(query, now));
         if self.server_status == b'I' {
-            if let Some(t) = self.transaction_started.take() {
+            let transaction = std::mem::take(&mut self.transaction_started);
+            if transaction != 0 {
                 self.pool
                     .metrics
-                    .transaction_finished(now.duration_since(t).as_secs_f64());
+                    .transaction_finished(clock::seconds_between(transaction, now));
             }
         }
     }
