@@ -195,6 +195,10 @@ pub struct ServerConn {
     pub pending: BytesMut,
     /// The relay's write buffer towards this server, kept with the connection between clients.
     pub outgoing: BytesMut,
+    /// The relay's write buffer towards the client it serves, lent with the connection: a
+    /// client whose answer was all written at the end of its transaction hands it back here,
+    /// so the next client needs no buffer of its own to answer into.
+    pub client_out: BytesMut,
     /// `ParamSet::id` of the client parameters this connection was last found to match; 0 once
     /// any parameter changed since.
     pub synced_params: u64,
@@ -278,6 +282,7 @@ impl ServerConn {
             applied: BTreeMap::new(),
             pending: BytesMut::new(),
             outgoing: BytesMut::new(),
+            client_out: BytesMut::new(),
             synced_params: 0,
             statements: ServerStatements::default(),
             created: Instant::now(),

@@ -760,18 +760,29 @@ impl Relay {
 
     /// A server was attached: the relay reads and writes it through the connection's own
     /// buffers, which stay with the connection between clients. Whatever the server sent after
-    /// its last control exchange is handled like anything else it sends.
+    /// its last control exchange is handled like anything else it sends. The client's answers
+    /// go into the connection's client buffer too, unless some of pgswitch's own are still
+    /// being written.
     fn lend_buffers(&mut self, conn: &mut ServerConn) {
         self.to_server.clear();
         self.server_in.clear();
         std::mem::swap(&mut self.to_server, &mut conn.outgoing);
         std::mem::swap(&mut self.server_in, &mut conn.pending);
+        if self.to_client.is_empty() {
+            buffers::give(&mut self.to_client);
+            std::mem::swap(&mut self.to_client, &mut conn.client_out);
+        }
     }
 
-    /// The server goes back to its pool, with its buffers (empty: the server is quiet).
+    /// The server goes back to its pool, with its buffers (empty: the server is quiet). The
+    /// client buffer goes with it when everything in it was written; a slow client keeps its
+    /// answer, and the connection gets a buffer again from the next client that has one.
     fn return_buffers(&mut self, conn: &mut ServerConn) {
         std::mem::swap(&mut self.to_server, &mut conn.outgoing);
         std::mem::swap(&mut self.server_in, &mut conn.pending);
+        if self.to_client.is_empty() {
+            std::mem::swap(&mut self.to_client, &mut conn.client_out);
+        }
     }
 
     /// The server went away or none could be had: answer what the client is waiting for with
@@ -1138,6 +1149,7 @@ impl Relay {
     }
 
     /// Copies the whole messages at the start of `server_in` that go to the client as they are.
+    #[inline]
     fn flush_run(&mut self, run: &mut usize) {
         if *run > 0 {
             self.to_client.extend_from_slice(&self.server_in[..*run]);
@@ -1217,6 +1229,22 @@ impl Relay {
         }
     }
 
+    /// Writes what is queued for the client, as far as its socket takes it now; the event if
+    /// the client is gone.
+    fn write_client(&mut self, cx: &mut Context<'_>, client: &mut Stream) -> Option<RelayEvent> {
+        while !self.to_client.is_empty() {
+            match poll_write_buf(Pin::new(&mut *client), cx, &mut self.to_client) {
+                Poll::Ready(Ok(0)) => {
+                    return Some(RelayEvent::ClientGone(io::ErrorKind::WriteZero.into()))
+                }
+                Poll::Ready(Ok(_)) => {}
+                Poll::Ready(Err(e)) => return Some(RelayEvent::ClientGone(e)),
+                Poll::Pending => break,
+            }
+        }
+        None
+    }
+
     /// Moves bytes both ways until something needs the session's attention.
     fn poll(
         &mut self,
@@ -1245,15 +1273,8 @@ impl Relay {
                     }
                 }
             }
-            while !self.to_client.is_empty() {
-                match poll_write_buf(Pin::new(&mut *client), cx, &mut self.to_client) {
-                    Poll::Ready(Ok(0)) => {
-                        return Poll::Ready(RelayEvent::ClientGone(io::ErrorKind::WriteZero.into()))
-                    }
-                    Poll::Ready(Ok(_)) => {}
-                    Poll::Ready(Err(e)) => return Poll::Ready(RelayEvent::ClientGone(e)),
-                    Poll::Pending => break,
-                }
+            if let Some(gone) = self.write_client(cx, client) {
+                return Poll::Ready(gone);
             }
             if self.client_done && self.to_server.is_empty() {
                 return Poll::Ready(RelayEvent::ClientLeft);
@@ -1355,6 +1376,11 @@ impl Relay {
                 && self.server_is_quiet()
             {
                 // Hand the server back as soon as its answer is framed; the client still gets it.
+                // Written first when the client takes it at once (nearly always): the client
+                // buffer then goes back with the server, and the write was due anyway.
+                if let Some(gone) = self.write_client(cx, client) {
+                    return Poll::Ready(gone);
+                }
                 return Poll::Ready(RelayEvent::ServerIdle);
             }
             if !progress {
