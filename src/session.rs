@@ -698,6 +698,10 @@ struct Relay {
     transaction_started: u64,
     /// Since the last Sync, everything was answered by pgswitch without a server.
     local_batch: bool,
+    /// The last read of the client (of the server) emptied its socket: the next read asks for
+    /// readiness first (`ready_to_read`).
+    client_drained: bool,
+    server_drained: bool,
 }
 
 impl Relay {
@@ -707,6 +711,8 @@ impl Relay {
             request_started: 0,
             transaction_started: 0,
             local_batch: false,
+            client_drained: false,
+            server_drained: false,
             server_fatal: None,
             mode,
             client_in: BytesMut::new(),
@@ -768,6 +774,8 @@ impl Relay {
         self.server_in.clear();
         std::mem::swap(&mut self.to_server, &mut conn.outgoing);
         std::mem::swap(&mut self.server_in, &mut conn.pending);
+        // An idle connection's last read ended with its ReadyForQuery.
+        self.server_drained = true;
         if self.to_client.is_empty() {
             buffers::give(&mut self.to_client);
             std::mem::swap(&mut self.to_client, &mut conn.client_out);
@@ -1289,36 +1297,44 @@ impl Relay {
                 if server.is_none() && self.client_in.is_empty() && self.to_client.is_empty() {
                     self.shrink_idle_buffers();
                 }
-                let read = if self.client_in.capacity() > 0 {
-                    poll_read_more(&mut self.client_in, CLIENT_READ, client, cx)
-                } else {
-                    // Without a buffer, the read goes to the stack first: a buffer is taken
-                    // only for bytes that are there (one readiness poll, not two).
-                    let mut probe = [std::mem::MaybeUninit::<u8>::uninit(); PROBE_READ];
-                    let mut probe = ReadBuf::uninit(&mut probe);
-                    Pin::new(&mut *client)
-                        .poll_read(cx, &mut probe)
-                        .map_ok(|()| {
-                            let got = probe.filled();
-                            if !got.is_empty() {
-                                self.client_in = buffers::take();
-                                self.client_in.extend_from_slice(got);
-                            }
-                            got.len()
-                        })
+                let read = match ready_to_read(client, self.client_drained, cx) {
+                    Poll::Ready(Ok(())) if self.client_in.capacity() > 0 => {
+                        poll_read_more(&mut self.client_in, CLIENT_READ, client, cx)
+                    }
+                    Poll::Ready(Ok(())) => {
+                        // Without a buffer, the read goes to the stack first: a buffer is
+                        // taken only for bytes that are there (one readiness poll, not two).
+                        let mut probe = [std::mem::MaybeUninit::<u8>::uninit(); PROBE_READ];
+                        let mut probe = ReadBuf::uninit(&mut probe);
+                        Pin::new(&mut *client)
+                            .poll_read(cx, &mut probe)
+                            .map_ok(|()| {
+                                let got = probe.filled();
+                                if !got.is_empty() {
+                                    self.client_in = buffers::take();
+                                    self.client_in.extend_from_slice(got);
+                                }
+                                (got.len(), got.len() < PROBE_READ)
+                            })
+                    }
+                    not_ready => not_ready.map_ok(|()| (0, false)),
                 };
                 match read {
-                    Poll::Ready(Ok(0)) => {
+                    Poll::Ready(Ok((0, _))) => {
                         return Poll::Ready(RelayEvent::ClientGone(
                             io::ErrorKind::UnexpectedEof.into(),
                         ))
                     }
-                    Poll::Ready(Ok(n)) => {
+                    Poll::Ready(Ok((n, drained))) => {
                         metrics::bytes_relayed(Direction::ClientToServer, n as u64);
                         progress = true;
+                        self.client_drained = drained;
                     }
                     Poll::Ready(Err(e)) => return Poll::Ready(RelayEvent::ClientGone(e)),
-                    Poll::Pending => armed.client = true,
+                    Poll::Pending => {
+                        armed.client = true;
+                        self.client_drained = false;
+                    }
                 }
             }
             match self.process_client(server.as_deref_mut(), statements) {
@@ -1339,18 +1355,28 @@ impl Relay {
                 continue;
             };
             if !armed.server && self.to_client.len() < HIGH_WATER {
-                match poll_read_more(&mut self.server_in, SERVER_READ, &mut conn.stream, cx) {
-                    Poll::Ready(Ok(0)) => {
+                let read = match ready_to_read(&conn.stream, self.server_drained, cx) {
+                    Poll::Ready(Ok(())) => {
+                        poll_read_more(&mut self.server_in, SERVER_READ, &mut conn.stream, cx)
+                    }
+                    not_ready => not_ready.map_ok(|()| (0, false)),
+                };
+                match read {
+                    Poll::Ready(Ok((0, _))) => {
                         return Poll::Ready(RelayEvent::ServerGone(
                             io::ErrorKind::UnexpectedEof.into(),
                         ))
                     }
-                    Poll::Ready(Ok(n)) => {
+                    Poll::Ready(Ok((n, drained))) => {
                         metrics::bytes_relayed(Direction::ServerToClient, n as u64);
                         progress = true;
+                        self.server_drained = drained;
                     }
                     Poll::Ready(Err(e)) => return Poll::Ready(RelayEvent::ServerGone(e)),
-                    Poll::Pending => armed.server = true,
+                    Poll::Pending => {
+                        armed.server = true;
+                        self.server_drained = false;
+                    }
                 }
             }
             if self.to_client.capacity() == 0 && !self.server_in.is_empty() {
@@ -1405,18 +1431,33 @@ async fn read_until_closed(stream: &mut Stream, buf: &mut BytesMut) {
     }
 }
 
-/// Reads into the end of `buf`; returns how many bytes arrived (0 = end of stream).
+/// Reads into the end of `buf`; returns how many bytes arrived (0 = end of stream) and whether
+/// they were fewer than there was room for: the socket was emptied, and tokio cleared its
+/// readiness.
 fn poll_read_more(
     buf: &mut BytesMut,
     chunk: usize,
     io: &mut Stream,
     cx: &mut Context<'_>,
-) -> Poll<io::Result<usize>> {
+) -> Poll<io::Result<(usize, bool)>> {
     if buf.capacity() - buf.len() < chunk / 4 {
         buf.reserve(chunk);
     }
+    let room = buf.capacity() - buf.len();
     let n = ready!(poll_read_buf(Pin::new(io), cx, buf))?;
-    Poll::Ready(Ok(n))
+    Poll::Ready(Ok((n, n < room)))
+}
+
+/// Before reading a socket that the last read emptied, asks only for its readiness: nearly
+/// always still none, and then the waker is registered without going through a read.
+/// Otherwise (and for TLS, which may hold plaintext) ready at once, and the caller reads.
+#[inline]
+fn ready_to_read(stream: &Stream, drained: bool, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    if drained {
+        stream.poll_read_ready(cx)
+    } else {
+        Poll::Ready(Ok(()))
+    }
 }
 
 /// The SQLSTATE of an ErrorResponse body whose severity is FATAL or PANIC.
