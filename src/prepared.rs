@@ -263,7 +263,7 @@ impl Tracker {
     /// never reaches the client). Statements that turn out not to exist on the server after an
     /// error are removed from `server`.
     /// The caller forwards (or drops) the message, then calls `drain_injects` once it ended.
-    #[inline]
+    #[inline(always)]
     pub fn on_server_message(&mut self, tag: u8, server: &mut ServerStatements) -> Verdict {
         match self.queue.front() {
             Some(Pending::Swallow { answer, .. }) if *answer == tag => {
