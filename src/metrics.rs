@@ -584,9 +584,8 @@ impl PoolMetrics {
 /// A Prometheus histogram with fixed buckets.
 struct AtomicHistogram {
     bounds: &'static [f64],
-    /// Samples per bucket (not cumulative); the last one is `+Inf`.
+    /// Samples per bucket (not cumulative); the last one is `+Inf`. Their total is the count.
     buckets: Box<[AtomicU64]>,
-    count: AtomicU64,
     sum_nanos: AtomicU64,
 }
 
@@ -595,7 +594,6 @@ impl AtomicHistogram {
         AtomicHistogram {
             bounds,
             buckets: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
-            count: AtomicU64::new(0),
             sum_nanos: AtomicU64::new(0),
         }
     }
@@ -606,9 +604,11 @@ impl AtomicHistogram {
         if let Some(b) = self.buckets.get(bucket) {
             b.fetch_add(1, Ordering::Relaxed);
         }
-        self.count.fetch_add(1, Ordering::Relaxed);
-        self.sum_nanos
-            .fetch_add((seconds * 1e9) as u64, Ordering::Relaxed);
+        // A client that took a server without waiting adds nothing to the sum.
+        let nanos = (seconds * 1e9) as u64;
+        if nanos > 0 {
+            self.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
+        }
     }
 
     /// The series of one labelled histogram, in the text format.

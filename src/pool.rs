@@ -95,6 +95,11 @@ impl Drop for Lease {
     }
 }
 
+/// Seconds since `started` (a [`crate::clock::now_micros`] stamp).
+fn waited(started: u64) -> f64 {
+    crate::clock::seconds_between(started, crate::clock::now_micros())
+}
+
 /// Whether an idle connection can serve the next transaction: it goes to `primary`, belongs
 /// to `epoch` or a later one, and the server has not closed it.
 fn usable(conn: &mut ServerConn, primary: &str, epoch: u64) -> bool {
@@ -247,7 +252,7 @@ impl Pool {
         wait: Duration,
         hold: Duration,
     ) -> Result<PooledServer, PoolError> {
-        let started = Instant::now();
+        let started = crate::clock::now_micros();
         self.counters.waiting.fetch_add(1, Ordering::Relaxed);
         // Fast path without a timer when a slot is free.
         let permit = match self.permits.clone().try_acquire_owned() {
@@ -262,7 +267,9 @@ impl Pool {
                 return Err(PoolError::Timeout {
                     pool: self.key.clone(),
                     size: self.size.load(Ordering::Relaxed),
-                    waited_ms: started.elapsed().as_millis(),
+                    waited_ms: u128::from(
+                        crate::clock::now_micros().saturating_sub(started) / 1000,
+                    ),
                 });
             }
         };
@@ -281,7 +288,7 @@ impl Pool {
                 .and_then(|primary| self.take_idle(primary, topology.epoch))
         };
         if let Some(conn) = idle {
-            self.metrics.pool_wait(started.elapsed().as_secs_f64());
+            self.metrics.pool_wait(waited(started));
             return Ok(PooledServer { conn, lease });
         }
         Box::pin(self.open_or_hold(cluster, lease, started, hold)).await
@@ -306,7 +313,7 @@ impl Pool {
         self: &Arc<Self>,
         cluster: &ClusterView,
         lease: Lease,
-        started: Instant,
+        started: u64,
         hold: Duration,
     ) -> Result<PooledServer, PoolError> {
         let hold_until = Instant::now() + hold;
@@ -317,7 +324,7 @@ impl Pool {
                 return Err(PoolError::NoPrimary(hold.as_millis()));
             };
             if let Some(conn) = self.take_idle(&target.node, epoch) {
-                self.metrics.pool_wait(started.elapsed().as_secs_f64());
+                self.metrics.pool_wait(waited(started));
                 return Ok(PooledServer { conn, lease });
             }
             let login = self.lock_login().clone();
@@ -327,7 +334,7 @@ impl Pool {
                     let conn = Box::new(conn);
                     debug!(server = conn.id, node = %target.node, pool = %self.key, "server connection opened");
                     metrics::server_connection_opened(&target.node);
-                    self.metrics.pool_wait(started.elapsed().as_secs_f64());
+                    self.metrics.pool_wait(waited(started));
                     return Ok(PooledServer { conn, lease });
                 }
                 // A server shutting down or starting up (57P0x) is a failing primary, not the
