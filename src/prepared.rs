@@ -389,6 +389,82 @@ pub fn rewrite_client_message(
     rewrite(msg, client, server, capacity, &mut out).is_some()
 }
 
+/// What [`rewrite_bind_start`] did with the start of a Bind.
+#[derive(Debug, PartialEq, Eq)]
+pub enum BindStart {
+    /// The portal and statement names are not both here yet.
+    Incomplete,
+    /// The Bind goes to the server as it is (the unnamed statement, or a name the client never
+    /// prepared, which the server then refuses).
+    AsIs,
+    /// Its first `n` bytes (header, portal and statement name) were replaced in `to_server`;
+    /// the rest of the message follows unchanged.
+    Rewritten(usize),
+}
+
+/// Rewrites the start of a Bind message that has not arrived whole (`start` holds its first
+/// bytes, at most the whole message): the statement name sits before the parameter values,
+/// so a Bind carrying megabytes of them streams through instead of being held until its end.
+pub fn rewrite_bind_start(
+    start: &[u8],
+    client: &mut ClientStatements,
+    server: &mut ServerStatements,
+    capacity: usize,
+    to_server: &mut BytesMut,
+    tracker: &mut Tracker,
+) -> BindStart {
+    if bind_names(start).is_none() {
+        return BindStart::Incomplete;
+    }
+    let mut out = Out { to_server, tracker };
+    match bind_head(start, client, server, capacity, &mut out) {
+        Some(n) => BindStart::Rewritten(n),
+        None => BindStart::AsIs,
+    }
+}
+
+/// The portal and statement names at the start of a Bind message (header included).
+fn bind_names(msg: &[u8]) -> Option<(&[u8], &[u8])> {
+    let (portal, rest) = cstr(msg.get(5..)?)?;
+    let (stmt, _) = cstr(rest)?;
+    Some((portal, stmt))
+}
+
+/// Writes the start of a Bind of a statement the client prepared: header (its length counting
+/// the rest of the message, which the caller sends unchanged), portal, and the server-side
+/// statement name, after preparing the statement on this server if needed. Returns how many
+/// bytes of `msg` that start replaces; `None` (nothing written) for a Bind passed through.
+fn bind_head(
+    msg: &[u8],
+    client: &mut ClientStatements,
+    server: &mut ServerStatements,
+    capacity: usize,
+    out: &mut Out<'_>,
+) -> Option<usize> {
+    let (portal, stmt) = bind_names(msg)?;
+    if stmt.is_empty() {
+        return None;
+    }
+    let len = u32::from_be_bytes(msg.get(1..5)?.try_into().ok()?) as usize;
+    let replaced = 5 + portal.len() + 1 + stmt.len() + 1;
+    let rest = (1 + len).checked_sub(replaced)?;
+    let statement = client.get(std::str::from_utf8(stmt).ok()?)?;
+    let name = statement.server_name.as_bytes();
+    let new_len = u32::try_from(4 + portal.len() + 1 + name.len() + 1 + rest).ok()?;
+    ensure_on_server(statement, server, capacity, out);
+    out.to_server.reserve(replaced + name.len());
+    out.to_server.put_u8(b'B');
+    out.to_server.put_u32(new_len);
+    for part in [portal, b"\0", name, b"\0"] {
+        out.to_server.put_slice(part);
+    }
+    out.tracker.push(Pending::Reply {
+        request: b'B',
+        parse_of: None,
+    });
+    Some(replaced)
+}
+
 /// A Parse of the unnamed statement (its name, the first field, is empty): passed through as
 /// it is, without looking at the query.
 fn is_unnamed_parse(msg: &[u8]) -> bool {
@@ -438,22 +514,8 @@ fn rewrite(
                 .insert(name, Arc::new(Statement { server_name, parse }));
         }
         b'B' => {
-            let (portal, rest) = cstr(body)?;
-            let (stmt, rest) = cstr(rest)?;
-            if stmt.is_empty() {
-                return None;
-            }
-            let statement = client.get(std::str::from_utf8(stmt).ok()?)?;
-            ensure_on_server(statement, server, capacity, out);
-            put_message(
-                out.to_server,
-                b'B',
-                &[portal, b"\0", statement.server_name.as_bytes(), b"\0", rest],
-            );
-            out.tracker.push(Pending::Reply {
-                request: b'B',
-                parse_of: None,
-            });
+            let head = bind_head(msg, client, server, capacity, out)?;
+            out.to_server.extend_from_slice(&msg[head..]);
         }
         b'D' => {
             let (&kind, rest) = body.split_first()?;
@@ -630,6 +692,91 @@ mod tests {
             Verdict::Forward
         );
         assert!(tracker.is_empty());
+    }
+
+    #[test]
+    fn the_start_of_a_big_bind_is_rewritten_like_the_whole_message() {
+        let mut client = ClientStatements::default();
+        let mut whole_server = ServerStatements::default();
+        rw(
+            &parse_msg("s1", "select $1"),
+            &mut client,
+            &mut whole_server,
+            10,
+        );
+        // portal "p", statement "s1", no format codes, one 3000-byte parameter, no result codes
+        let mut body = b"p\0s1\0\0\0\0\x01".to_vec();
+        body.extend_from_slice(&3000u32.to_be_bytes());
+        body.extend_from_slice(&[7; 3000]);
+        body.extend_from_slice(&[0, 0]);
+        let bind = msg(b'B', &body);
+        let whole = rw(&bind, &mut client, &mut whole_server, 10).expect("rewritten");
+
+        // The same Bind arriving in pieces, on another server without the statement.
+        let mut server = ServerStatements::default();
+        let mut out = BytesMut::new();
+        let mut tracker = Tracker::default();
+        for cut in [0, 4, 5, 7, 9] {
+            assert_eq!(
+                rewrite_bind_start(
+                    &bind[..cut],
+                    &mut client,
+                    &mut server,
+                    10,
+                    &mut out,
+                    &mut tracker
+                ),
+                BindStart::Incomplete,
+                "{cut} bytes hold no statement name"
+            );
+        }
+        let head = match rewrite_bind_start(
+            &bind[..100],
+            &mut client,
+            &mut server,
+            10,
+            &mut out,
+            &mut tracker,
+        ) {
+            BindStart::Rewritten(n) => n,
+            other => panic!("not rewritten: {other:?}"),
+        };
+        assert_eq!(head, 5 + 2 + 3);
+        out.extend_from_slice(&bind[head..]);
+        let mut sent = Vec::new();
+        while !out.is_empty() {
+            let len = u32::from_be_bytes([out[1], out[2], out[3], out[4]]) as usize;
+            sent.push(out.split_to(1 + len).freeze());
+        }
+        assert_eq!(sent.len(), 2, "the statement's Parse, then the Bind");
+        assert_eq!(sent[0][0], b'P');
+        assert_eq!(
+            sent[1], whole.to_server[0],
+            "the same Bind as rewritten whole"
+        );
+        assert!(matches!(
+            tracker.queue.front(),
+            Some(Pending::Swallow { answer: b'1', .. })
+        ));
+
+        // The unnamed statement and unknown names go through as they are.
+        let mut unnamed = b"\0\0".to_vec();
+        unnamed.extend_from_slice(&body[5..]);
+        for start in [msg(b'B', &unnamed), bind_msg("nope")] {
+            let before = out.len();
+            assert_eq!(
+                rewrite_bind_start(
+                    &start[..12],
+                    &mut client,
+                    &mut server,
+                    10,
+                    &mut out,
+                    &mut tracker
+                ),
+                BindStart::AsIs
+            );
+            assert_eq!(out.len(), before, "nothing written");
+        }
     }
 
     #[test]

@@ -35,7 +35,7 @@ use crate::frontend::{refuse, LoggedIn, Proxy};
 use crate::metrics::{self, AbortOutcome, Direction, Hazard};
 use crate::params::ParamSet;
 use crate::pool::{Pool, PoolKey, PooledServer};
-use crate::prepared::{self, ClientStatements, Pending, Tracker, Verdict};
+use crate::prepared::{self, BindStart, ClientStatements, Pending, Tracker, Verdict};
 use crate::stream::Stream;
 use crate::wire::{self, Severity, WireError};
 
@@ -48,6 +48,9 @@ const CLIENT_READ: usize = 8 * 1024;
 const PROBE_READ: usize = 1024;
 /// How much one read from a server asks for.
 const SERVER_READ: usize = 32 * 1024;
+/// Largest buffer a server connection keeps between clients (transaction mode). The relay's
+/// own reads and its high-water mark keep buffers well under it.
+const CONN_BUFFER_KEEP: usize = 4 * HIGH_WATER;
 
 /// Session parameters every client keeps across server connections in transaction mode.
 const TRACKED_PARAMS: &[&str] = &[
@@ -662,6 +665,10 @@ struct Relay {
     to_client: BytesMut,
     client_msg: Option<Streaming>,
     server_msg: Option<Streaming>,
+    /// Length of a client message that is framed only once it is whole (a Parse, Describe or
+    /// Close pgswitch rewrites or remembers; a Bind until its statement name): the client is
+    /// read past the high-water mark until `client_in` holds it. 0 when none is waited for.
+    client_need: usize,
     /// Status byte of the server's last ReadyForQuery.
     server_status: u8,
     /// Requests (Query, Sync, FunctionCall) sent that have no ReadyForQuery back yet.
@@ -721,6 +728,7 @@ impl Relay {
             to_client: BytesMut::new(),
             client_msg: None,
             server_msg: None,
+            client_need: 0,
             server_status: b'I',
             awaiting_ready: 0,
             answered: false,
@@ -791,6 +799,13 @@ impl Relay {
         if self.to_client.is_empty() {
             std::mem::swap(&mut self.to_client, &mut conn.client_out);
         }
+        // A buffer that grew for one big message (a Parse of megabytes is held whole) is
+        // freed rather than kept by an idle connection.
+        for buf in [&mut conn.outgoing, &mut conn.pending, &mut conn.client_out] {
+            if buf.capacity() > CONN_BUFFER_KEEP && buf.is_empty() {
+                *buf = BytesMut::new();
+            }
+        }
     }
 
     /// The server went away or none could be had: answer what the client is waiting for with
@@ -829,6 +844,7 @@ impl Relay {
         statements: &mut ClientStatements,
     ) -> Result<bool, WireError> {
         let mut progress = false;
+        let need_before = std::mem::take(&mut self.client_need);
         loop {
             if let Some(m) = &mut self.client_msg {
                 let n = m.remaining.min(self.client_in.len());
@@ -919,7 +935,7 @@ impl Relay {
                 // Session mode: remember named statements, to restore them on the next server
                 // should this one go away (failover).
                 if self.client_in.len() < 5 + body {
-                    self.client_in.reserve(5 + body - self.client_in.len());
+                    self.wait_for_whole(5 + body);
                     break;
                 }
                 let msg = self.client_in.split_to(5 + body).freeze();
@@ -928,10 +944,41 @@ impl Relay {
                 progress = true;
                 continue;
             }
-            let rewritable = self.rewrites() && matches!(tag, b'P' | b'B' | b'D' | b'C');
+            let mut rewritable = self.rewrites() && matches!(tag, b'P' | b'B' | b'D' | b'C');
+            if rewritable && tag == b'B' && self.client_in.len() < 5 + body {
+                // A Bind streams once its statement name is here (its parameter values can be
+                // any size).
+                match prepared::rewrite_bind_start(
+                    &self.client_in,
+                    statements,
+                    &mut conn.statements,
+                    self.cache_size,
+                    &mut self.to_server,
+                    &mut self.tracker,
+                ) {
+                    BindStart::Incomplete => {
+                        // Its names are not here yet: read on (no room reserved for values).
+                        self.client_need = 5 + body;
+                        break;
+                    }
+                    BindStart::AsIs => rewritable = false,
+                    BindStart::Rewritten(head) => {
+                        if self.server_msg.is_none() {
+                            self.tracker.drain_injects(&mut self.to_client);
+                        }
+                        self.client_in.advance(head);
+                        self.client_msg = Some(Streaming {
+                            remaining: 5 + body - head,
+                            discard: false,
+                        });
+                        progress = true;
+                        continue;
+                    }
+                }
+            }
             if rewritable {
                 if self.client_in.len() < 5 + body {
-                    self.client_in.reserve(5 + body - self.client_in.len());
+                    self.wait_for_whole(5 + body);
                     break;
                 }
                 let msg = &self.client_in[..5 + body];
@@ -984,7 +1031,23 @@ impl Relay {
             }
             progress = true;
         }
+        // A message now waited for whole lifts the high-water mark that stopped the client's
+        // reads (its start may have been read while the client waited for a server): that is
+        // progress, or nothing would read the client again.
+        let unblocked = |need: usize| self.client_in.len() < HIGH_WATER.max(need);
+        if !unblocked(need_before) && unblocked(self.client_need) {
+            progress = true;
+        }
         Ok(progress)
+    }
+
+    /// The client message at the start of `client_in` is framed only when whole: let the client
+    /// be read until it is here. Room is made as its bytes arrive (the buffer doubles), not
+    /// for the length its header claims.
+    fn wait_for_whole(&mut self, len: usize) {
+        self.client_in
+            .reserve((len - self.client_in.len()).min(HIGH_WATER));
+        self.client_need = len;
     }
 
     /// Between transactions, a Parse of a statement the pool knows, a Close of a statement
@@ -1290,7 +1353,7 @@ impl Relay {
             if !self.client_done
                 && !armed.client
                 && self.to_server.len() < HIGH_WATER
-                && self.client_in.len() < HIGH_WATER
+                && self.client_in.len() < HIGH_WATER.max(self.client_need)
             {
                 // An idle client costs no buffer: free what it used, and wait for
                 // readability before allocating again.

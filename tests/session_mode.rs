@@ -787,7 +787,7 @@ async fn listen_notify_delivers_notifications_through_the_proxy() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_100_mb_bytea_value_round_trips_both_ways() {
+async fn a_100_mb_bytea_value_and_a_700_kb_query_get_through() {
     const SIZE: usize = 100 * 1024 * 1024;
     let env = env(|_| {}).await;
     let client = env.connect().await;
@@ -855,6 +855,21 @@ async fn a_100_mb_bytea_value_round_trips_both_ways() {
     assert!(hex.starts_with("\\x7979"));
     println!("100 MB bytea as hex text: {:?}", started.elapsed());
     drop(messages);
+
+    // A named statement whose query text (700 KB) is more than pgswitch reads ahead of the
+    // server, but small enough to be remembered for a failover: its Parse is held whole.
+    let text = "q".repeat(700 * 1024);
+    let statement = within(
+        "prepare a 700 KB query",
+        big,
+        client.prepare(&format!("SELECT length('{text}') + $1::int")),
+    )
+    .await
+    .expect("prepare a 700 KB query");
+    let row = within("run it", big, client.query_one(&statement, &[&1i32]))
+        .await
+        .expect("run the 700 KB query");
+    assert_eq!(row.get::<_, i32>(0), 700 * 1024 + 1);
 
     assert_eq!(simple_value(&client, "SELECT 'after'").await, "after");
     panic_watch::assert_no_proxy_panics();

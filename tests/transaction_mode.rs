@@ -431,3 +431,88 @@ async fn a_node_given_by_its_socket_directory_is_reached_over_the_unix_socket() 
         topology.nodes[0]
     );
 }
+
+/// A statement's Parse, Bind, Describe and Close are rewritten in transaction mode. Megabytes of
+/// parameter values (a Bind) and of query text (a Parse) get through, whether the statement is
+/// named or unnamed, while other clients keep using the same two servers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binds_and_parses_of_megabytes_get_through_while_others_run() {
+    const SIZE: usize = 20 * 1024 * 1024;
+    let env = transaction_env(2).await;
+    let client = env.connect().await;
+    let limit = std::time::Duration::from_secs(120);
+    let mut others = Vec::new();
+    for _ in 0..4 {
+        let other = env.connect().await;
+        others.push(tokio::spawn(async move {
+            let select = other.prepare("SELECT $1::int + 1").await.expect("prepare");
+            for i in 0..200i32 {
+                let row = other.query_one(&select, &[&i]).await.expect("small query");
+                assert_eq!(row.get::<_, i32>(0), i + 1);
+            }
+        }));
+    }
+
+    let data = vec![b'y'; SIZE];
+    // A named statement (tokio-postgres prepares one per query): its Bind is rewritten.
+    let row = common::within(
+        "20 MB bind of a named statement",
+        limit,
+        client.query_one(
+            "SELECT length($1::bytea), $1::bytea = repeat('y', 20*1024*1024)::bytea",
+            &[&data],
+        ),
+    )
+    .await
+    .expect("20 MB bind of a named statement");
+    assert_eq!(row.get::<_, i32>(0) as usize, SIZE);
+    assert!(row.get::<_, bool>(1), "every byte arrived");
+
+    // The unnamed statement (psycopg, query_typed): passed through as it is.
+    let row = common::within(
+        "20 MB bind of the unnamed statement",
+        limit,
+        client.query_typed(
+            "SELECT length($1), $1 = repeat('y', 20*1024*1024)::bytea",
+            &[(&data, tokio_postgres::types::Type::BYTEA)],
+        ),
+    )
+    .await
+    .expect("20 MB bind of the unnamed statement");
+    assert_eq!(row[0].get::<_, i32>(0) as usize, SIZE);
+    assert!(row[0].get::<_, bool>(1), "every byte arrived");
+
+    // Named statements whose query text is 2 MB: a Parse is rewritten whole. Six clients at
+    // once over the two servers: most wait for a server while their Parse arrives.
+    let text = "z".repeat(2 * 1024 * 1024);
+    let sql = format!("SELECT length('{text}') + $1::int");
+    let mut big = Vec::new();
+    for c in 0..6i32 {
+        let client = env.connect().await;
+        let sql = sql.clone();
+        big.push(tokio::spawn(async move {
+            let statement = client.prepare(&sql).await.expect("prepare a 2 MB query");
+            for i in 0..3i32 {
+                let row = client
+                    .query_one(&statement, &[&(c * 10 + i)])
+                    .await
+                    .expect("run it");
+                assert_eq!(row.get::<_, i32>(0), 2 * 1024 * 1024 + c * 10 + i);
+            }
+        }));
+    }
+    for task in big {
+        common::within("six clients prepare a 2 MB query", limit, task)
+            .await
+            .expect("a client with a 2 MB query");
+    }
+
+    for t in others {
+        t.await.expect("other clients were not disturbed");
+    }
+    let row = client
+        .query_one("SELECT 'after'", &[])
+        .await
+        .expect("after");
+    assert_eq!(row.get::<_, &str>(0), "after");
+}
