@@ -94,3 +94,53 @@ def test_asyncpg_prepared_statements_across_shared_servers():
         await setup.close()
 
     asyncio.run(asyncio.wait_for(main(), 180))
+
+
+def test_megabyte_parameters_and_queries_from_both_drivers():
+    """Parameters of megabytes (a Bind bigger than what pgswitch reads ahead) and a named
+    statement with a 1 MB query, from 10 psycopg threads and 10 asyncpg clients at once over
+    the 5 servers, while each waits its turn for a server."""
+    size = 3 * 1024 * 1024
+    long_query = "SELECT length('" + "q" * (1024 * 1024) + "') + %s::int"
+    errors = []
+
+    def psycopg_client(c: int) -> None:
+        try:
+            with psycopg.connect(DSN, autocommit=True) as conn:
+                data = b"y" * (size + c)
+                for prepare in (False, True):  # the unnamed statement, then a named one
+                    got = conn.execute(
+                        "SELECT length(%s::bytea), %s::bytea = repeat('y', %s)::bytea",
+                        (data, data, size + c),
+                        prepare=prepare,
+                    ).fetchone()
+                    assert got == (size + c, True), got
+                got = conn.execute(long_query, (c,), prepare=True).fetchone()
+                assert got == (1024 * 1024 + c,), got
+        except Exception as e:  # collected and reported below
+            errors.append(f"psycopg client {c}: {type(e).__name__}: {e}")
+
+    async def asyncpg_clients() -> None:
+        async def client(c: int) -> None:
+            conn = await asyncpg.connect(_url(DSN))
+            try:
+                data = b"a" * (size + c)
+                assert await conn.fetchval("SELECT length($1::bytea)", data) == size + c
+                back = await conn.fetchval("SELECT $1::bytea", data)
+                assert back == data
+            finally:
+                await conn.close()
+
+        results = await asyncio.gather(*(client(c) for c in range(10)), return_exceptions=True)
+        errors.extend(
+            f"asyncpg client {c}: {r!r}" for c, r in enumerate(results) if isinstance(r, BaseException)
+        )
+
+    threads = [threading.Thread(target=psycopg_client, args=(c,)) for c in range(10)]
+    for t in threads:
+        t.start()
+    asyncio.run(asyncio.wait_for(asyncpg_clients(), 120))
+    for t in threads:
+        t.join(120)
+    assert not any(t.is_alive() for t in threads), "a psycopg client hangs"
+    assert not errors, "\n".join(errors[:10])
