@@ -138,6 +138,17 @@ ensure_openssl() {
     note "openssl: $(openssl version)"
 }
 
+# A JDK and pgJDBC (the PostgreSQL JDBC driver), for the JDBC test in tests/transaction_mode.rs.
+ensure_jdbc() {
+    if ! command -v javac >/dev/null 2>&1 || ! command -v java >/dev/null 2>&1; then
+        apt_install default-jdk-headless
+    fi
+    if [ ! -f "${PGSWITCH_JDBC_JAR:-/usr/share/java/postgresql.jar}" ]; then
+        apt_install libpostgresql-jdbc-java
+    fi
+    note "jdbc: $(javac -version 2>&1), $(readlink -f "${PGSWITCH_JDBC_JAR:-/usr/share/java/postgresql.jar}")"
+}
+
 # A C compiler and linker: cargo needs one (ring, and linking itself).
 ensure_c_toolchain() {
     if ! command -v cc >/dev/null 2>&1; then

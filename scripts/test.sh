@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs pgswitch's whole test suite: installs what is missing (PostgreSQL >= 15 server binaries,
-# psql, openssl, psycopg 3 and pytest), then cargo fmt --check, clippy with warnings as errors,
-# and every test (unit, property, integration against real PostgreSQL clusters, psycopg 3).
+# psql, openssl, psycopg 3 and pytest, a JDK and pgJDBC), then cargo fmt --check, clippy with
+# warnings as errors, and every test (unit, property, integration against real PostgreSQL
+# clusters, psycopg 3, asyncpg, pgJDBC).
 #
 # For a fresh Debian 12 / Ubuntu machine with Rust installed; run as root or as a user with sudo.
 # Works from any directory, without a terminal (CI=true, no stdin). Exits non-zero on any failure.
@@ -29,6 +30,7 @@ ensure_postgres
 ensure_psql
 ensure_openssl
 ensure_python_packages
+ensure_jdbc
 ensure_prometheus
 
 section "cargo fmt --check"

@@ -516,3 +516,68 @@ async fn binds_and_parses_of_megabytes_get_through_while_others_run() {
         .expect("after");
     assert_eq!(row.get::<_, &str>(0), "after");
 }
+
+/// pgJDBC, the driver whose `getMetaData()` breaks on poolers that cannot describe a statement
+/// the server has not seen: 30 connections over 3 servers, with server-side prepared statements
+/// from the first use (`prepareThreshold=1`) and always (`-1`). `tests/jdbc/JdbcProbe.java` says
+/// what each connection does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jdbc_metadata_batches_cursors_and_big_parameters_over_three_servers() {
+    let jar = std::path::PathBuf::from(
+        std::env::var("PGSWITCH_JDBC_JAR")
+            .unwrap_or_else(|_| "/usr/share/java/postgresql.jar".to_string()),
+    );
+    const HINT: &str = "install a JDK and pgJDBC (apt-get install default-jdk-headless \
+        libpostgresql-jdbc-java), or run scripts/test.sh, which does";
+    assert!(jar.is_file(), "no pgJDBC at {}: {HINT}", jar.display());
+    let env = transaction_env(3).await;
+    let classes = env.cluster.dir.join("jdbc-classes");
+    std::fs::create_dir_all(&classes).expect("class directory");
+    let javac = Command::new("javac")
+        .arg("-cp")
+        .arg(&jar)
+        .arg("-d")
+        .arg(&classes)
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/jdbc/JdbcProbe.java"
+        ))
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run javac ({e}): {HINT}"));
+    assert!(
+        javac.status.success(),
+        "javac failed:\n{}",
+        String::from_utf8_lossy(&javac.stderr)
+    );
+    let classpath = format!("{}:{}", jar.display(), classes.display());
+    let port = env.port().to_string();
+    for threshold in ["1", "-1"] {
+        let args = [
+            "-cp",
+            &classpath,
+            "JdbcProbe",
+            "127.0.0.1",
+            &port,
+            "postgres",
+            USER,
+            PASSWORD,
+            threshold,
+            "30",
+        ];
+        let run = tokio::task::spawn_blocking({
+            let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+            move || Command::new("java").args(&args).output()
+        });
+        let out = common::within("the JDBC probe", std::time::Duration::from_secs(240), run)
+            .await
+            .expect("java task")
+            .unwrap_or_else(|e| panic!("cannot run java ({e}): {HINT}"));
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        println!("{}", text.trim());
+        assert!(out.status.success(), "the JDBC probe failed:\n{text}");
+    }
+}
