@@ -140,13 +140,14 @@ ensure_openssl() {
 
 # A JDK and pgJDBC (the PostgreSQL JDBC driver), for the JDBC test in tests/transaction_mode.rs.
 ensure_jdbc() {
+    local jar="${PGSWITCH_JDBC_JAR:-/usr/share/java/postgresql.jar}"
     if ! command -v javac >/dev/null 2>&1 || ! command -v java >/dev/null 2>&1; then
         apt_install default-jdk-headless
     fi
-    if [ ! -f "${PGSWITCH_JDBC_JAR:-/usr/share/java/postgresql.jar}" ]; then
+    if [ ! -f "$jar" ]; then
         apt_install libpostgresql-jdbc-java
     fi
-    note "jdbc: $(javac -version 2>&1), $(readlink -f "${PGSWITCH_JDBC_JAR:-/usr/share/java/postgresql.jar}")"
+    note "jdbc: $(javac -version 2>&1), $(readlink -f "$jar")"
 }
 
 # A C compiler and linker: cargo needs one (ring, and linking itself).

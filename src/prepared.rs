@@ -413,11 +413,11 @@ pub fn rewrite_bind_start(
     to_server: &mut BytesMut,
     tracker: &mut Tracker,
 ) -> BindStart {
-    if bind_names(start).is_none() {
+    let Some(names) = bind_names(start) else {
         return BindStart::Incomplete;
-    }
+    };
     let mut out = Out { to_server, tracker };
-    match bind_head(start, client, server, capacity, &mut out) {
+    match bind_head(start, names, client, server, capacity, &mut out) {
         Some(n) => BindStart::Rewritten(n),
         None => BindStart::AsIs,
     }
@@ -434,14 +434,15 @@ fn bind_names(msg: &[u8]) -> Option<(&[u8], &[u8])> {
 /// the rest of the message, which the caller sends unchanged), portal, and the server-side
 /// statement name, after preparing the statement on this server if needed. Returns how many
 /// bytes of `msg` that start replaces; `None` (nothing written) for a Bind passed through.
+/// `(portal, stmt)` are [`bind_names`] of `msg`.
 fn bind_head(
     msg: &[u8],
+    (portal, stmt): (&[u8], &[u8]),
     client: &mut ClientStatements,
     server: &mut ServerStatements,
     capacity: usize,
     out: &mut Out<'_>,
 ) -> Option<usize> {
-    let (portal, stmt) = bind_names(msg)?;
     if stmt.is_empty() {
         return None;
     }
@@ -514,7 +515,7 @@ fn rewrite(
                 .insert(name, Arc::new(Statement { server_name, parse }));
         }
         b'B' => {
-            let head = bind_head(msg, client, server, capacity, out)?;
+            let head = bind_head(msg, bind_names(msg)?, client, server, capacity, out)?;
             out.to_server.extend_from_slice(&msg[head..]);
         }
         b'D' => {

@@ -1034,11 +1034,16 @@ impl Relay {
         // A message now waited for whole lifts the high-water mark that stopped the client's
         // reads (its start may have been read while the client waited for a server): that is
         // progress, or nothing would read the client again.
-        let unblocked = |need: usize| self.client_in.len() < HIGH_WATER.max(need);
-        if !unblocked(need_before) && unblocked(self.client_need) {
+        if !self.client_may_read(need_before) && self.client_may_read(self.client_need) {
             progress = true;
         }
         Ok(progress)
+    }
+
+    /// Whether `client_in` leaves room to read the client, while a message of length `need` is
+    /// waited for whole (0: none): the high-water mark, or that length when it is larger.
+    fn client_may_read(&self, need: usize) -> bool {
+        self.client_in.len() < HIGH_WATER.max(need)
     }
 
     /// The client message at the start of `client_in` is framed only when whole: let the client
@@ -1353,7 +1358,7 @@ impl Relay {
             if !self.client_done
                 && !armed.client
                 && self.to_server.len() < HIGH_WATER
-                && self.client_in.len() < HIGH_WATER.max(self.client_need)
+                && self.client_may_read(self.client_need)
             {
                 // An idle client costs no buffer: free what it used, and wait for
                 // readability before allocating again.
