@@ -152,7 +152,7 @@ pub const CONFIG_RELOADS: &str = "pgswitch_config_reloads_total";
 /// Every metric pgswitch exports.
 pub const CATALOG: &[MetricDef] = &[
     def(BUILD_INFO, Kind::Gauge, &["version"], None, "Always 1; the version label tells which pgswitch runs."),
-    def(CLIENT_CONNECTIONS, Kind::Gauge, &["state"], Some(Unit::Count), "Client connections now, by state: active (holding a server connection), waiting (for a server connection), idle (the rest, including clients still logging in)."),
+    def(CLIENT_CONNECTIONS, Kind::Gauge, &["state"], Some(Unit::Count), "Client connections now, by state: active (holding a server connection), waiting (for a server connection: a free slot, one being opened, or a primary), idle (the rest, including clients still logging in)."),
     def(MAX_CLIENT_CONNECTIONS, Kind::Gauge, &[], Some(Unit::Count), "The max_client_connections setting: clients beyond it are refused with 53300."),
     def(CLIENT_CONNECTIONS_OPENED, Kind::Counter, &[], Some(Unit::Count), "Clients that logged in."),
     def(CLIENT_CONNECTIONS_CLOSED, Kind::Counter, &[], Some(Unit::Count), "Logged-in clients that disconnected."),
@@ -163,7 +163,7 @@ pub const CATALOG: &[MetricDef] = &[
     def(SERVER_CONNECT_FAILURES, Kind::Counter, &["node"], Some(Unit::Count), "Attempts to open a server connection that failed, by node."),
     def(POOL_SIZE, Kind::Gauge, &["pool"], Some(Unit::Count), "Most server connections a pool (user/database) may hold."),
     def(POOL_SERVER_CONNECTIONS, Kind::Gauge, &["pool", "state"], Some(Unit::Count), "Server connections of a pool now, by state: active, idle."),
-    def(POOL_CLIENTS_WAITING, Kind::Gauge, &["pool"], Some(Unit::Count), "Clients waiting for a server connection of this pool now."),
+    def(POOL_CLIENTS_WAITING, Kind::Gauge, &["pool"], Some(Unit::Count), "Clients waiting for a server connection of this pool now (a free slot, one being opened, or a primary)."),
     hist(POOL_WAIT, &["pool"], WAIT_BUCKETS, "Time a client waited for a server connection (including a failover hold)."),
     def(POOL_ACQUIRE_FAILURES, Kind::Counter, &["pool", "reason"], Some(Unit::Count), "Clients that got no server connection, by reason: timeout, no_primary, server_error."),
     hist(QUERY_DURATION, &["pool"], LATENCY_BUCKETS, "Query latency seen by the proxy, from the client's query to the server's ReadyForQuery."),

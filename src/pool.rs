@@ -53,6 +53,23 @@ struct Counters {
     active: AtomicUsize,
 }
 
+/// Counts a client as waiting for as long as it lives: until `acquire` returns, or until the
+/// client gives up and its `acquire` future is dropped mid-wait.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn new(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Waiting(count)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 pub struct Pool {
     pub key: PoolKey,
     login: Mutex<ServerLogin>,
@@ -83,7 +100,9 @@ pub struct PooledServer {
     lease: Lease,
 }
 
-/// The slot a checked-out connection occupies in its pool.
+/// The slot a checked-out connection occupies in its pool. It is made once the connection is
+/// in hand, and counted active by whoever made it (`Pool::take_idle` under the idle lock);
+/// dropping it un-counts it.
 struct Lease {
     pool: Arc<Pool>,
     _permit: OwnedSemaphorePermit,
@@ -122,7 +141,13 @@ impl PooledServer {
             tokio::spawn(conn.close());
             return;
         }
-        lease.pool.lock_idle().push(conn);
+        // The connection joins the idle list and leaves the active count under one lock, so
+        // a scrape (`Pool::status`) never counts it twice or not at all.
+        let pool = Arc::clone(&lease.pool);
+        let mut idle = pool.lock_idle();
+        idle.push(conn);
+        drop(lease);
+        drop(idle);
     }
 
     /// Closes the connection (politely, in the background) and frees its slot.
@@ -231,21 +256,17 @@ impl Pool {
             {
                 return None;
             }
-            idle.pop()?
+            let conn = idle.pop()?;
+            self.counters.active.fetch_add(1, Ordering::Relaxed);
+            conn
         };
-        self.counters.active.fetch_add(1, Ordering::Relaxed);
         self.metrics.pool_wait(0.0);
-        Some(PooledServer {
-            conn,
-            lease: Lease {
-                pool: self.clone(),
-                _permit: permit,
-            },
-        })
+        Some(self.checked_out(conn, permit))
     }
 
     /// Checks out a server connection to the current primary, waiting at most `wait` for a
-    /// free slot and for a primary to exist.
+    /// free slot and for a primary to exist. The client counts as waiting until it has the
+    /// connection (through opening one, or holding while the primary is away).
     pub async fn acquire(
         self: &Arc<Self>,
         cluster: &ClusterView,
@@ -253,13 +274,12 @@ impl Pool {
         hold: Duration,
     ) -> Result<PooledServer, PoolError> {
         let started = crate::clock::now_micros();
-        self.counters.waiting.fetch_add(1, Ordering::Relaxed);
+        let _waiting = Waiting::new(&self.counters.waiting);
         // Fast path without a timer when a slot is free.
         let permit = match self.permits.clone().try_acquire_owned() {
             Ok(permit) => Ok(Ok(permit)),
             Err(_) => tokio::time::timeout(wait, self.permits.clone().acquire_owned()).await,
         };
-        self.counters.waiting.fetch_sub(1, Ordering::Relaxed);
         let permit = match permit {
             Ok(Ok(permit)) => permit,
             _ => {
@@ -273,11 +293,6 @@ impl Pool {
                 });
             }
         };
-        let lease = Lease {
-            pool: self.clone(),
-            _permit: permit,
-        };
-        self.counters.active.fetch_add(1, Ordering::Relaxed);
         // A client that waited for a busy pool nearly always finds an idle connection now.
         // The rest (no primary yet, opening a connection, holding through a failover) is
         // boxed, so the future of every waiting client stays small.
@@ -289,21 +304,43 @@ impl Pool {
         };
         if let Some(conn) = idle {
             self.metrics.pool_wait(waited(started));
-            return Ok(PooledServer { conn, lease });
+            return Ok(self.checked_out(conn, permit));
         }
-        Box::pin(self.open_or_hold(cluster, lease, started, hold)).await
+        Box::pin(self.open_or_hold(cluster, permit, started, hold)).await
     }
 
     /// An idle connection to `primary` from `epoch` on, if there is one; stale ones found on
     /// the way are closed.
+    /// The one taken is counted active under the idle lock, so `status` sees it in exactly one
+    /// of the two.
     fn take_idle(&self, primary: &str, epoch: u64) -> Option<Box<ServerConn>> {
         loop {
-            let mut conn = self.lock_idle().pop()?;
-            if usable(&mut conn, primary, epoch) {
-                return Some(conn);
-            }
+            let conn = {
+                let mut idle = self.lock_idle();
+                let mut conn = idle.pop()?;
+                if usable(&mut conn, primary, epoch) {
+                    self.counters.active.fetch_add(1, Ordering::Relaxed);
+                    return Some(conn);
+                }
+                conn
+            };
             debug!(server = conn.id, node = %conn.target.node, "discarding stale server connection");
             tokio::spawn(conn.close());
+        }
+    }
+
+    /// Wraps a connection already counted active, with its slot.
+    fn checked_out(
+        self: &Arc<Self>,
+        conn: Box<ServerConn>,
+        permit: OwnedSemaphorePermit,
+    ) -> PooledServer {
+        PooledServer {
+            conn,
+            lease: Lease {
+                pool: self.clone(),
+                _permit: permit,
+            },
         }
     }
 
@@ -312,7 +349,7 @@ impl Pool {
     async fn open_or_hold(
         self: &Arc<Self>,
         cluster: &ClusterView,
-        lease: Lease,
+        permit: OwnedSemaphorePermit,
         started: u64,
         hold: Duration,
     ) -> Result<PooledServer, PoolError> {
@@ -325,7 +362,7 @@ impl Pool {
             };
             if let Some(conn) = self.take_idle(&target.node, epoch) {
                 self.metrics.pool_wait(waited(started));
-                return Ok(PooledServer { conn, lease });
+                return Ok(self.checked_out(conn, permit));
             }
             let login = self.lock_login().clone();
             self.pace_connect().await;
@@ -335,7 +372,8 @@ impl Pool {
                     debug!(server = conn.id, node = %target.node, pool = %self.key, "server connection opened");
                     metrics::server_connection_opened(&target.node);
                     self.metrics.pool_wait(waited(started));
-                    return Ok(PooledServer { conn, lease });
+                    self.counters.active.fetch_add(1, Ordering::Relaxed);
+                    return Ok(self.checked_out(conn, permit));
                 }
                 // A server shutting down or starting up (57P0x) is a failing primary, not the
                 // client's error: hold the client like for a refused connection.
@@ -457,13 +495,16 @@ impl Pool {
     }
 
     pub fn status(&self) -> PoolStatus {
+        // Read under the idle lock, which check-in and check-out hold while they move a
+        // connection between the idle list and the active count.
+        let idle = self.lock_idle();
         PoolStatus {
             user: self.key.user.clone(),
             database: self.key.database.clone(),
             size: self.size.load(Ordering::Relaxed),
             clients_waiting: self.counters.waiting.load(Ordering::Relaxed),
             servers_active: self.counters.active.load(Ordering::Relaxed),
-            servers_idle: self.lock_idle().len(),
+            servers_idle: idle.len(),
         }
     }
 }

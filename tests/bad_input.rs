@@ -886,6 +886,20 @@ async fn clients_that_give_up_while_waiting_for_a_server_leave_at_once() {
         quitters.push(raw);
     }
     clients_settle_at(&env, 11).await;
+    let waiting = || -> usize {
+        env.proxy
+            .proxy
+            .pools
+            .all()
+            .iter()
+            .map(|p| p.status().clients_waiting)
+            .sum()
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while waiting() < 10 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(waiting(), 10, "ten clients wait for the only server");
     drop(quitters);
     // Their client slots come back while the holder still holds the server.
     let started = Instant::now();
@@ -901,6 +915,11 @@ async fn clients_that_give_up_while_waiting_for_a_server_leave_at_once() {
     assert_eq!(
         left, 1,
         "clients that closed their socket while waiting for a server still hold client slots"
+    );
+    assert_eq!(
+        waiting(),
+        0,
+        "clients that gave up are still counted as waiting (/status, pgswitch_client_connections)"
     );
     assert_eq!(
         simple_value(&holder, "SELECT 'holder ok'").await,

@@ -581,3 +581,61 @@ async fn jdbc_metadata_batches_cursors_and_big_parameters_over_three_servers() {
         assert!(out.status.success(), "the JDBC probe failed:\n{text}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pool_status_never_counts_a_connection_twice_while_transactions_run() {
+    const SIZE: usize = 2;
+    let env = transaction_env(SIZE).await;
+    let pools = env.proxy.proxy.clone();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // A scraper on its own thread reads the pools as fast as it can, like `/metrics` and
+    // `/status` do, while clients check connections in and out.
+    let scraper = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let (mut reads, mut wrong) = (0u64, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for pool in pools.pools.all() {
+                    let s = pool.status();
+                    reads += 1;
+                    if s.servers_active + s.servers_idle > SIZE && wrong.len() < 5 {
+                        wrong.push(s);
+                    }
+                }
+            }
+            (reads, wrong)
+        })
+    };
+    let mut tasks = Vec::new();
+    for c in 0..6 {
+        let client = env.connect().await;
+        tasks.push(tokio::spawn(async move {
+            for q in 0..1500 {
+                let want = c * 10000 + q;
+                let got = client
+                    .simple_query(&format!("SELECT {want}"))
+                    .await
+                    .expect("query")
+                    .into_iter()
+                    .find_map(|m| match m {
+                        tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+                        _ => None,
+                    });
+                assert_eq!(got, Some(want.to_string()));
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("client task");
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (reads, wrong) = scraper.join().expect("scraper");
+    assert!(
+        reads > 1000,
+        "the scraper read the pools only {reads} times"
+    );
+    assert!(
+        wrong.is_empty(),
+        "a pool of {SIZE} was seen with more connections than it has ({reads} reads): {wrong:?}"
+    );
+}
