@@ -181,6 +181,7 @@ impl ClusterView {
 
     /// Waits until the primary is no longer `target` (a new one, or none), up to `limit`.
     pub async fn wait_for_change(&self, target: &ServerTarget, limit: Duration) {
+        let _held = crate::metrics::client_held();
         let mut rx = self.topology.clone();
         let wait = async {
             loop {
@@ -204,6 +205,7 @@ impl ClusterView {
                 return Some((target, t.epoch));
             }
         }
+        let _held = crate::metrics::client_held();
         let mut rx = self.topology.clone();
         let wait = async {
             loop {

@@ -19,7 +19,7 @@
 //! `server::start`, and implicitly by every recording function, so nothing recorded is lost).
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use ::metrics::{counter, gauge, histogram, Counter, Unit};
@@ -811,10 +811,23 @@ pub fn hold_active(active: bool) {
     gauge!(HOLD_ACTIVE).set(if active { 1.0 } else { 0.0 });
 }
 
-/// `n` clients are now waiting for a new primary.
-pub fn clients_held(n: usize) {
-    ready();
-    gauge!(CLIENTS_HELD).set(n as f64);
+/// Clients now waiting for a primary; `pgswitch_clients_held` is set from it at each scrape.
+static HELD: AtomicUsize = AtomicUsize::new(0);
+
+/// A client waiting for a primary (none is known, or the one known cannot be reached): it
+/// counts in `pgswitch_clients_held` for as long as this lives, however its wait ends.
+pub struct HeldClient(());
+
+/// Counts a client as held until the returned guard is dropped.
+pub fn client_held() -> HeldClient {
+    HELD.fetch_add(1, Ordering::Relaxed);
+    HeldClient(())
+}
+
+impl Drop for HeldClient {
+    fn drop(&mut self) {
+        HELD.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// An in-flight transaction was cut by a failover.
@@ -873,6 +886,7 @@ pub fn refresh(proxy: &Proxy, topology: &Topology) {
     gauge!(SERVER_CONNECTIONS, "state" => "active").set(active as f64);
     gauge!(SERVER_CONNECTIONS, "state" => "idle").set(idle_servers as f64);
     gauge!(PAUSED).set(if proxy.is_paused() { 1.0 } else { 0.0 });
+    gauge!(CLIENTS_HELD).set(HELD.load(Ordering::Relaxed) as f64);
 
     gauge!(EPOCH).set(topology.epoch as f64);
     gauge!(PRIMARY_AVAILABLE).set(if topology.primary.is_some() { 1.0 } else { 0.0 });
@@ -1080,7 +1094,6 @@ mod tests {
         failover(FailoverMode::Automatic, FailoverResult::Success);
         failover_phase(FailoverPhase::Promote, 1.25);
         hold_active(true);
-        clients_held(3);
         transactions_aborted_by_failover(AbortOutcome::Unknown);
         config_reloaded(false);
         run_upkeep();

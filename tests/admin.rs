@@ -616,6 +616,10 @@ async fn ready_and_node_metrics_follow_a_primary_crash() {
     .await;
     let admin = env.proxy.admin_addr;
     wait_for(admin, "/ready", "ready", |a| a.status == StatusCode::OK).await;
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        clients.push(env.connect().await);
+    }
     let n0 = env.cluster.node("n0").expect("n0");
     n0.stop_immediate().expect("stop n0");
     let ready = wait_for(admin, "/ready", "not ready without a primary", |a| {
@@ -644,12 +648,34 @@ async fn ready_and_node_metrics_follow_a_primary_crash() {
     assert_eq!(status["primary"], Value::Null);
     assert_eq!(status["ready"], false);
 
-    // It comes back: ready again.
+    // Queries sent now are held, and counted, until a primary is back (hold_ms: 30 s).
+    let queries: Vec<_> = clients
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| {
+            tokio::spawn(async move {
+                let rows = c.simple_query(&format!("SELECT {i}")).await;
+                (c, rows.map(|r| r.len()))
+            })
+        })
+        .collect();
+    wait_for(admin, "/metrics", "three clients held", |a| {
+        sample(&a.body, "pgswitch_clients_held") == Some(3.0)
+    })
+    .await;
+
+    // It comes back: ready again, and the held queries are answered.
     n0.start().expect("start n0");
     wait_for(admin, "/ready", "ready after the primary is back", |a| {
         a.status == StatusCode::OK
     })
     .await;
+    for q in queries {
+        let (_client, rows) = within("held query", STEP, q).await.expect("task");
+        rows.expect("a held query is answered once the primary is back");
+    }
+    let text = get(admin, "/metrics").await.body;
+    assert_eq!(must_sample(&text, "pgswitch_clients_held"), 0.0);
     panic_watch::assert_no_proxy_panics();
 }
 
