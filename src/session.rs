@@ -982,6 +982,11 @@ impl Relay {
                     break;
                 }
                 let msg = &self.client_in[..5 + body];
+                if tag == b'P' && body < 4096 {
+                    if let Some(parse) = prepared::parse_parse(&msg[5..]) {
+                        note_hazard(parse.query, &self.tracked, conn);
+                    }
+                }
                 if prepared::rewrite_client_message(
                     msg,
                     statements,
@@ -1008,10 +1013,7 @@ impl Relay {
                 self.commit_in_flight |= is_commit(&self.client_in[5..5 + body]);
             }
             if self.rewrites() && tag == b'Q' && body < 4096 && self.client_in.len() >= 5 + body {
-                if let Some(hazard) = session_state_hazard(&self.client_in[5..5 + body]) {
-                    debug!(kind = hazard.as_str(), "session state in transaction mode does not follow the client to its next server");
-                    metrics::session_state_hazard(hazard);
-                }
+                note_hazard(&self.client_in[5..5 + body], &self.tracked, conn);
             }
             if self.rewrites() && prepared::is_tracked_request(tag) {
                 self.tracker.push(Pending::Reply {
@@ -1546,27 +1548,86 @@ fn fatal_code(body: &[u8]) -> Option<String> {
     }
 }
 
-/// Session state a simple query creates that transaction pooling cannot carry to the client's
-/// next server (see the README's list of transaction-mode caveats). Looks at the bytes as they
-/// are: this runs on every simple query.
-fn session_state_hazard(query: &[u8]) -> Option<Hazard> {
+/// Counts (and logs at debug level) a transaction-mode query, simple or the text of a Parse,
+/// that creates session state the client's next server will not have.
+fn note_hazard(query: &[u8], tracked: &[String], conn: &ServerConn) {
+    // A parameter follows the client when it is tracked and the server reports its changes.
+    let follows = |name: &[u8]| {
+        tracked
+            .iter()
+            .any(|t| t.as_bytes().eq_ignore_ascii_case(name))
+            && conn
+                .params
+                .keys()
+                .any(|k| k.as_bytes().eq_ignore_ascii_case(name))
+    };
+    if let Some(hazard) = session_state_hazard(query, follows) {
+        debug!(
+            kind = hazard.as_str(),
+            "session state in transaction mode does not follow the client to its next server"
+        );
+        metrics::session_state_hazard(hazard);
+    }
+}
+
+/// Session state a query creates that transaction pooling cannot carry to the client's next
+/// server (see the README's list of transaction-mode caveats); `follows(name)` says whether a
+/// `SET name` does follow the client. Looks at the bytes as they are: this runs on every
+/// simple query and every Parse.
+fn session_state_hazard(query: &[u8], follows: impl Fn(&[u8]) -> bool) -> Option<Hazard> {
     let text = trim_start(query);
     if starts_with_word(text, b"prepare ") {
         Some(Hazard::Prepare)
     } else if starts_with_word(text, b"listen ") {
         Some(Hazard::Listen)
-    } else if calls_any(text, &[b"pg_advisory_lock", b"pg_try_advisory_lock"]) {
+    } else if calls_any(
+        text,
+        &[
+            b"pg_advisory_lock",
+            b"pg_try_advisory_lock",
+            b"pg_advisory_lock_shared",
+            b"pg_try_advisory_lock_shared",
+        ],
+    ) {
         Some(Hazard::AdvisoryLock)
     } else if starts_with_word(text, b"create temp") {
         Some(Hazard::TempTable)
-    } else if starts_with_word(text, b"set ")
-        && !starts_with_word(text, b"set local ")
-        && !starts_with_word(text, b"set transaction ")
-    {
-        Some(Hazard::Set)
+    } else if let Some(name) = set_target(text) {
+        (!follows(name)).then_some(Hazard::Set)
     } else {
         None
     }
+}
+
+/// The parameter a session-wide `SET [SESSION] name …` changes (quotes removed), or None for
+/// anything else, `SET LOCAL` and `SET TRANSACTION` included.
+fn set_target(text: &[u8]) -> Option<&[u8]> {
+    let word_end = |t: &[u8]| {
+        t.iter()
+            .position(|b| !(b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'$')))
+            .unwrap_or(t.len())
+    };
+    if !(starts_with_word(text, b"set") && text.get(3).is_some_and(u8::is_ascii_whitespace)) {
+        return None;
+    }
+    let rest = trim_start(&text[3..]);
+    let first = &rest[..word_end(rest)];
+    if first.eq_ignore_ascii_case(b"local") || first.eq_ignore_ascii_case(b"transaction") {
+        return None;
+    }
+    let rest = if first.eq_ignore_ascii_case(b"session") {
+        trim_start(&rest[first.len()..])
+    } else {
+        rest
+    };
+    if let Some(quoted) = rest.strip_prefix(b"\"") {
+        return quoted
+            .iter()
+            .position(|&b| b == b'"')
+            .map(|end| &quoted[..end]);
+    }
+    let name = &rest[..word_end(rest)];
+    (!name.is_empty()).then_some(name)
 }
 
 fn trim_start(text: &[u8]) -> &[u8] {
@@ -1618,27 +1679,43 @@ mod tests {
 
     #[test]
     fn hazards_are_found_in_any_case_and_spacing() {
+        // Parameters that follow the client here: TimeZone and application_name.
+        let follows = |name: &[u8]| {
+            name.eq_ignore_ascii_case(b"timezone") || name.eq_ignore_ascii_case(b"application_name")
+        };
+        let hazard = |q: &[u8]| session_state_hazard(q, follows);
+        assert_eq!(hazard(b"  PREPARE x AS select 1"), Some(Hazard::Prepare));
+        assert_eq!(hazard(b"listen ch"), Some(Hazard::Listen));
         assert_eq!(
-            session_state_hazard(b"  PREPARE x AS select 1"),
-            Some(Hazard::Prepare)
-        );
-        assert_eq!(session_state_hazard(b"listen ch"), Some(Hazard::Listen));
-        assert_eq!(
-            session_state_hazard(b"select PG_ADVISORY_LOCK(1)"),
+            hazard(b"select PG_ADVISORY_LOCK(1)"),
             Some(Hazard::AdvisoryLock)
         );
         assert_eq!(
-            session_state_hazard(b"CREATE TEMPORARY TABLE t (a int)"),
+            hazard(b"SELECT pg_advisory_lock_shared($1)"),
+            Some(Hazard::AdvisoryLock)
+        );
+        assert_eq!(hazard(b"select pg_advisory_xact_lock(1)"), None);
+        assert_eq!(
+            hazard(b"CREATE TEMPORARY TABLE t (a int)"),
             Some(Hazard::TempTable)
         );
+        assert_eq!(hazard(b"SET search_path = a"), Some(Hazard::Set));
+        assert_eq!(hazard(b"set\tSESSION work_mem TO '8MB'"), Some(Hazard::Set));
+        assert_eq!(hazard(b"SET ROLE other"), Some(Hazard::Set));
         assert_eq!(
-            session_state_hazard(b"SET search_path = a"),
+            hazard(b"SET SESSION AUTHORIZATION other"),
             Some(Hazard::Set)
         );
-        assert_eq!(session_state_hazard(b"set local search_path = a"), None);
-        assert_eq!(session_state_hazard(b"SET TRANSACTION READ ONLY"), None);
-        assert_eq!(session_state_hazard(b"select 1"), None);
-        assert_eq!(session_state_hazard(b""), None);
+        assert_eq!(hazard(b"SET TimeZone = 'UTC'"), None);
+        assert_eq!(hazard(b"set session \"timezone\" to 'UTC'"), None);
+        assert_eq!(hazard(b"SET application_name='x'"), None);
+        assert_eq!(hazard(b"set local search_path = a"), None);
+        assert_eq!(hazard(b"SET TRANSACTION READ ONLY"), None);
+        assert_eq!(hazard(b"settings"), None);
+        assert_eq!(hazard(b"select 1"), None);
+        assert_eq!(hazard(b""), None);
+        assert_eq!(set_target(b"SET  x.y = 1"), Some(&b"x.y"[..]));
+        assert_eq!(set_target(b"SET"), None);
     }
 
     #[test]

@@ -813,3 +813,96 @@ async fn a_real_prometheus_scrapes_pgswitch() {
     );
     drop(client);
 }
+
+/// `pgswitch_session_state_hazards_total{kind}` of one scrape, by kind.
+async fn hazards(admin: SocketAddr) -> Vec<(&'static str, f64)> {
+    let text = get(admin, "/metrics").await.body;
+    ["prepare", "listen", "advisory_lock", "temp_table", "set"]
+        .into_iter()
+        .map(|kind| {
+            let series = format!("pgswitch_session_state_hazards_total{{kind=\"{kind}\"}}");
+            (kind, sample(&text, &series).unwrap_or(0.0))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_state_hazards_are_counted_from_simple_queries_and_parses() {
+    // Transaction mode; no other test of this file sends such statements.
+    panic_watch::install();
+    let env = TestEnv::start(
+        ClusterSpec {
+            standbys: 0,
+            ..ClusterSpec::default()
+        },
+        |c| {
+            c.admin_listen = "127.0.0.1:0".into();
+            c.pool_mode = pgswitch::config::PoolMode::Transaction;
+        },
+    )
+    .await;
+    let admin = env.proxy.admin_addr;
+    let before = hazards(admin).await;
+    let client = env.connect().await;
+    // Simple queries.
+    for sql in [
+        "SET application_name = 'hazards'", // tracked and reported: follows the client
+        "SET TimeZone = 'UTC'",             // the same
+        "SET work_mem = '8MB'",             // set
+        "SET SESSION ROLE NONE",            // set
+        "LISTEN hazards",                   // listen
+        "PREPARE hz AS SELECT 1",           // prepare
+        "CREATE TEMP TABLE hz_t (a int)",   // temp_table
+        "DROP TABLE IF EXISTS hz_t",
+        "SELECT pg_advisory_xact_lock(7)", // transaction-scoped: none
+        "SET LOCAL work_mem = '8MB'",      // none
+    ] {
+        within(sql, STEP, client.simple_query(sql))
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+    // The same kinds through the extended protocol (Parse, Bind, Execute), as drivers send
+    // them when a query has parameters.
+    let locked: bool = within(
+        "lock",
+        STEP,
+        client.query_one("SELECT pg_try_advisory_lock($1)", &[&42i64]),
+    )
+    .await
+    .expect("advisory lock")
+    .get(0);
+    assert!(locked);
+    within(
+        "unlock",
+        STEP,
+        client.query_one("SELECT pg_advisory_unlock($1)", &[&42i64]),
+    )
+    .await
+    .expect("unlock");
+    for sql in [
+        "SET statement_timeout = 5000", // set
+        "SET DateStyle = 'ISO, DMY'",   // tracked and reported: none
+        "LISTEN hazards_extended",      // listen
+    ] {
+        within(sql, STEP, client.execute(sql, &[]))
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+    let after = hazards(admin).await;
+    let counted: Vec<(&str, f64)> = before
+        .iter()
+        .zip(&after)
+        .map(|((kind, b), (_, a))| (*kind, a - b))
+        .collect();
+    assert_eq!(
+        counted,
+        vec![
+            ("prepare", 1.0),
+            ("listen", 2.0),
+            ("advisory_lock", 1.0),
+            ("temp_table", 1.0),
+            ("set", 3.0),
+        ]
+    );
+    panic_watch::assert_no_proxy_panics();
+}
