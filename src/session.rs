@@ -983,8 +983,8 @@ impl Relay {
                 }
                 let msg = &self.client_in[..5 + body];
                 if tag == b'P' && body < 4096 {
-                    if let Some(parse) = prepared::parse_parse(&msg[5..]) {
-                        note_hazard(parse.query, &self.tracked, conn);
+                    if let Some(query) = prepared::parse_query(&msg[5..]) {
+                        note_hazard(query, &self.tracked, conn);
                     }
                 }
                 if prepared::rewrite_client_message(
