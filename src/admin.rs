@@ -197,8 +197,7 @@ pub async fn handle(admin: &Admin, peer: SocketAddr, req: Request<Incoming>) -> 
 
 fn metrics_page(admin: &Admin) -> Resp {
     let topology = admin.proxy.cluster.current();
-    metrics::refresh(&admin.proxy, &topology);
-    let body = metrics::render();
+    let body = metrics::scrape(&admin.proxy, &topology);
     with_type(StatusCode::OK, body.into(), METRICS_CONTENT_TYPE)
 }
 

@@ -2,6 +2,7 @@
 //! resulting `Topology` published through a `watch` channel. Pools and sessions only read it;
 //! `failover::Controller` is its one owner.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -159,6 +160,8 @@ impl Topology {
 pub struct ClusterView {
     pub topology: watch::Receiver<Topology>,
     rediagnose: Arc<Notify>,
+    /// Clients now waiting for a primary (`pgswitch_clients_held`).
+    held: Arc<AtomicUsize>,
 }
 
 impl ClusterView {
@@ -166,7 +169,13 @@ impl ClusterView {
         ClusterView {
             topology,
             rediagnose,
+            held: Arc::default(),
         }
+    }
+
+    /// Clients now waiting for a primary to be known, or for an unreachable one to change.
+    pub fn clients_held(&self) -> usize {
+        self.held.load(Ordering::Relaxed)
     }
 
     /// A passive signal: a server connection broke or could not be opened. Diagnose now
@@ -181,7 +190,7 @@ impl ClusterView {
 
     /// Waits until the primary is no longer `target` (a new one, or none), up to `limit`.
     pub async fn wait_for_change(&self, target: &ServerTarget, limit: Duration) {
-        let _held = crate::metrics::client_held();
+        let _held = crate::metrics::Counted::new(&self.held);
         let mut rx = self.topology.clone();
         let wait = async {
             loop {
@@ -205,7 +214,7 @@ impl ClusterView {
                 return Some((target, t.epoch));
             }
         }
-        let _held = crate::metrics::client_held();
+        let _held = crate::metrics::Counted::new(&self.held);
         let mut rx = self.topology.clone();
         let wait = async {
             loop {

@@ -488,6 +488,16 @@ fn seed() {
     gauge!(CLIENTS_HELD).set(0.0);
 }
 
+/// One scrape: the state gauges set from `proxy` and `topology`, then the text. The metrics
+/// live in one registry per process, so two proxies in one process (the tests run many) take
+/// turns: each scrape shows its own proxy's state, never another's set in between.
+pub fn scrape(proxy: &Proxy, topology: &Topology) -> String {
+    static SCRAPE: Mutex<()> = Mutex::new(());
+    let _turn = SCRAPE.lock().unwrap_or_else(|p| p.into_inner());
+    refresh(proxy, topology);
+    render()
+}
+
 /// The current metrics in the Prometheus text format. Also drains recorded histogram samples.
 pub fn render() -> String {
     let mut text = install().render();
@@ -811,22 +821,20 @@ pub fn hold_active(active: bool) {
     gauge!(HOLD_ACTIVE).set(if active { 1.0 } else { 0.0 });
 }
 
-/// Clients now waiting for a primary; `pgswitch_clients_held` is set from it at each scrape.
-static HELD: AtomicUsize = AtomicUsize::new(0);
+/// Counts one in a gauge's source for as long as it lives, however the wait it stands for
+/// ends: also when the future that holds it is dropped mid-wait (a client that gives up).
+pub struct Counted<'a>(&'a AtomicUsize);
 
-/// A client waiting for a primary (none is known, or the one known cannot be reached): it
-/// counts in `pgswitch_clients_held` for as long as this lives, however its wait ends.
-pub struct HeldClient(());
-
-/// Counts a client as held until the returned guard is dropped.
-pub fn client_held() -> HeldClient {
-    HELD.fetch_add(1, Ordering::Relaxed);
-    HeldClient(())
+impl<'a> Counted<'a> {
+    pub fn new(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Counted(count)
+    }
 }
 
-impl Drop for HeldClient {
+impl Drop for Counted<'_> {
     fn drop(&mut self) {
-        HELD.fetch_sub(1, Ordering::Relaxed);
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -886,7 +894,7 @@ pub fn refresh(proxy: &Proxy, topology: &Topology) {
     gauge!(SERVER_CONNECTIONS, "state" => "active").set(active as f64);
     gauge!(SERVER_CONNECTIONS, "state" => "idle").set(idle_servers as f64);
     gauge!(PAUSED).set(if proxy.is_paused() { 1.0 } else { 0.0 });
-    gauge!(CLIENTS_HELD).set(HELD.load(Ordering::Relaxed) as f64);
+    gauge!(CLIENTS_HELD).set(proxy.cluster.clients_held() as f64);
 
     gauge!(EPOCH).set(topology.epoch as f64);
     gauge!(PRIMARY_AVAILABLE).set(if topology.primary.is_some() { 1.0 } else { 0.0 });

@@ -53,23 +53,6 @@ struct Counters {
     active: AtomicUsize,
 }
 
-/// Counts a client as waiting for as long as it lives: until `acquire` returns, or until the
-/// client gives up and its `acquire` future is dropped mid-wait.
-struct Waiting<'a>(&'a AtomicUsize);
-
-impl<'a> Waiting<'a> {
-    fn new(count: &'a AtomicUsize) -> Self {
-        count.fetch_add(1, Ordering::Relaxed);
-        Waiting(count)
-    }
-}
-
-impl Drop for Waiting<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
 pub struct Pool {
     pub key: PoolKey,
     login: Mutex<ServerLogin>,
@@ -274,7 +257,8 @@ impl Pool {
         hold: Duration,
     ) -> Result<PooledServer, PoolError> {
         let started = crate::clock::now_micros();
-        let _waiting = Waiting::new(&self.counters.waiting);
+        // Until `acquire` returns, or the client gives up and this future is dropped.
+        let _waiting = metrics::Counted::new(&self.counters.waiting);
         // Fast path without a timer when a slot is free.
         let permit = match self.permits.clone().try_acquire_owned() {
             Ok(permit) => Ok(Ok(permit)),
@@ -310,9 +294,8 @@ impl Pool {
     }
 
     /// An idle connection to `primary` from `epoch` on, if there is one; stale ones found on
-    /// the way are closed.
-    /// The one taken is counted active under the idle lock, so `status` sees it in exactly one
-    /// of the two.
+    /// the way are closed. The one taken is counted active under the idle lock, so `status`
+    /// sees it in exactly one of the two.
     fn take_idle(&self, primary: &str, epoch: u64) -> Option<Box<ServerConn>> {
         loop {
             let conn = {
