@@ -1013,7 +1013,10 @@ impl Relay {
                 self.commit_in_flight |= is_commit(&self.client_in[5..5 + body]);
             }
             if self.rewrites() && tag == b'Q' && body < 4096 && self.client_in.len() >= 5 + body {
-                note_hazard(&self.client_in[5..5 + body], &self.tracked, conn);
+                // A simple query may hold several statements.
+                for statement in sql_statements(&self.client_in[5..5 + body]) {
+                    note_hazard(statement, &self.tracked, conn);
+                }
             }
             if self.rewrites() && prepared::is_tracked_request(tag) {
                 self.tracker.push(Pending::Reply {
@@ -1548,8 +1551,22 @@ fn fatal_code(body: &[u8]) -> Option<String> {
     }
 }
 
-/// Counts (and logs at debug level) a transaction-mode query, simple or the text of a Parse,
-/// that creates session state the client's next server will not have.
+/// The statements of a simple query, split at each `;` (one vectorised scan). A `;` inside a
+/// string literal splits too: a piece that starts like a hazard there is counted, which for a
+/// metric is an acceptable miss, and cheaper than lexing every query.
+fn sql_statements(query: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut start = 0;
+    memchr::memchr_iter(b';', query)
+        .chain(std::iter::once(query.len()))
+        .filter_map(move |end| {
+            let piece = query.get(start..end)?;
+            start = end + 1;
+            Some(piece)
+        })
+}
+
+/// Counts (and logs at debug level) a transaction-mode statement, from a simple query or the
+/// text of a Parse, that creates session state the client's next server will not have.
 fn note_hazard(query: &[u8], tracked: &[String], conn: &ServerConn) {
     // A parameter follows the client when it is tracked and the server reports its changes.
     let follows = |name: &[u8]| {
@@ -1715,6 +1732,12 @@ mod tests {
         assert_eq!(hazard(b"select 1"), None);
         assert_eq!(hazard(b""), None);
         assert_eq!(set_target(b"SET  x.y = 1"), Some(&b"x.y"[..]));
+        let split: Vec<&[u8]> = sql_statements(b"BEGIN; LISTEN a;COMMIT;").collect();
+        assert_eq!(split, [&b"BEGIN"[..], b" LISTEN a", b"COMMIT", b""]);
+        assert_eq!(
+            sql_statements(b"SELECT 1").collect::<Vec<_>>(),
+            [&b"SELECT 1"[..]]
+        );
         assert_eq!(set_target(b"SET"), None);
     }
 

@@ -852,7 +852,7 @@ async fn session_state_hazards_are_counted_from_simple_queries_and_parses() {
         "SET SESSION ROLE NONE",            // set
         "LISTEN hazards",                   // listen
         "PREPARE hz AS SELECT 1",           // prepare
-        "CREATE TEMP TABLE hz_t (a int)",   // temp_table
+        "BEGIN; CREATE TEMP TABLE hz_t (a int); COMMIT", // temp_table, the second statement
         "DROP TABLE IF EXISTS hz_t",
         "SELECT pg_advisory_xact_lock(7)", // transaction-scoped: none
         "SET LOCAL work_mem = '8MB'",      // none
