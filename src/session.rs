@@ -984,7 +984,7 @@ impl Relay {
                 let msg = &self.client_in[..5 + body];
                 if tag == b'P' && body < 4096 {
                     if let Some(query) = prepared::parse_query(&msg[5..]) {
-                        note_hazard(query, &self.tracked, conn);
+                        note_hazards(query, false, &self.tracked, conn);
                     }
                 }
                 if prepared::rewrite_client_message(
@@ -1014,9 +1014,7 @@ impl Relay {
             }
             if self.rewrites() && tag == b'Q' && body < 4096 && self.client_in.len() >= 5 + body {
                 // A simple query may hold several statements.
-                for statement in sql_statements(&self.client_in[5..5 + body]) {
-                    note_hazard(statement, &self.tracked, conn);
-                }
+                note_hazards(&self.client_in[5..5 + body], true, &self.tracked, conn);
             }
             if self.rewrites() && prepared::is_tracked_request(tag) {
                 self.tracker.push(Pending::Reply {
@@ -1551,23 +1549,10 @@ fn fatal_code(body: &[u8]) -> Option<String> {
     }
 }
 
-/// The statements of a simple query, split at each `;` (one vectorised scan). A `;` inside a
-/// string literal splits too: a piece that starts like a hazard there is counted, which for a
-/// metric is an acceptable miss, and cheaper than lexing every query.
-fn sql_statements(query: &[u8]) -> impl Iterator<Item = &[u8]> {
-    let mut start = 0;
-    memchr::memchr_iter(b';', query)
-        .chain(std::iter::once(query.len()))
-        .filter_map(move |end| {
-            let piece = query.get(start..end)?;
-            start = end + 1;
-            Some(piece)
-        })
-}
-
-/// Counts (and logs at debug level) a transaction-mode statement, from a simple query or the
-/// text of a Parse, that creates session state the client's next server will not have.
-fn note_hazard(query: &[u8], tracked: &[String], conn: &ServerConn) {
+/// Counts (and logs at debug level) the statements of a transaction-mode query, simple
+/// (`several` statements) or the text of a Parse, that create session state the client's
+/// next server will not have.
+fn note_hazards(query: &[u8], several: bool, tracked: &[String], conn: &ServerConn) {
     // A parameter follows the client when it is tracked and the server reports its changes.
     let follows = |name: &[u8]| {
         tracked
@@ -1578,35 +1563,70 @@ fn note_hazard(query: &[u8], tracked: &[String], conn: &ServerConn) {
                 .keys()
                 .any(|k| k.as_bytes().eq_ignore_ascii_case(name))
     };
-    if let Some(hazard) = session_state_hazard(query, follows) {
+    session_state_hazards(query, several, follows, |hazard| {
         debug!(
             kind = hazard.as_str(),
             "session state in transaction mode does not follow the client to its next server"
         );
         metrics::session_state_hazard(hazard);
-    }
+    });
 }
 
 /// Session state a query creates that transaction pooling cannot carry to the client's next
-/// server (see the README's list of transaction-mode caveats); `follows(name)` says whether a
-/// `SET name` does follow the client. Looks at the bytes as they are: this runs on every
-/// simple query and every Parse.
-fn session_state_hazard(query: &[u8], follows: impl Fn(&[u8]) -> bool) -> Option<Hazard> {
-    let text = trim_start(query);
+/// server (see the README's list of transaction-mode caveats), each passed to `found`;
+/// `follows(name)` says whether a `SET name` does follow the client. With `several`, each
+/// statement start after a `;` is looked at too (a `;` inside a string literal splits as
+/// well: cheaper than lexing every query, and harmless for a metric). A session advisory lock
+/// is looked for once in the whole text. This runs on every simple query and every Parse: a
+/// few prefix comparisons and one vectorised scan.
+fn session_state_hazards(
+    query: &[u8],
+    several: bool,
+    follows: impl Fn(&[u8]) -> bool,
+    mut found: impl FnMut(Hazard),
+) {
+    let mut statement = |text: &[u8]| {
+        if let Some(hazard) = statement_hazard(trim_start(text), &follows) {
+            found(hazard);
+        }
+    };
+    statement(query);
+    // One scan finds both the statement ends and the calls.
+    let mut locked = false;
+    for at in memchr::memchr2_iter(b';', b'(', query) {
+        if query[at] == b';' {
+            if several {
+                statement(&query[at + 1..]);
+            }
+        } else if !locked && calls_advisory_lock(&query[..at]) {
+            locked = true;
+        }
+    }
+    if locked {
+        found(Hazard::AdvisoryLock);
+    }
+}
+
+/// `before` (the text up to a `(`) ends with the name of a session advisory lock function,
+/// in any ASCII case.
+fn calls_advisory_lock(before: &[u8]) -> bool {
+    const FUNCTIONS: [&[u8]; 4] = [
+        b"pg_advisory_lock",
+        b"pg_try_advisory_lock",
+        b"pg_advisory_lock_shared",
+        b"pg_try_advisory_lock_shared",
+    ];
+    FUNCTIONS.iter().any(|f| {
+        before.len() >= f.len() && before[before.len() - f.len()..].eq_ignore_ascii_case(f)
+    })
+}
+
+/// The hazard a statement (leading space removed) creates by what it starts with.
+fn statement_hazard(text: &[u8], follows: impl Fn(&[u8]) -> bool) -> Option<Hazard> {
     if starts_with_word(text, b"prepare ") {
         Some(Hazard::Prepare)
     } else if starts_with_word(text, b"listen ") {
         Some(Hazard::Listen)
-    } else if calls_any(
-        text,
-        &[
-            b"pg_advisory_lock",
-            b"pg_try_advisory_lock",
-            b"pg_advisory_lock_shared",
-            b"pg_try_advisory_lock_shared",
-        ],
-    ) {
-        Some(Hazard::AdvisoryLock)
     } else if starts_with_word(text, b"create temp") {
         Some(Hazard::TempTable)
     } else if let Some(name) = set_target(text) {
@@ -1660,17 +1680,6 @@ fn starts_with_word(text: &[u8], prefix: &[u8]) -> bool {
     text.len() >= prefix.len() && text[..prefix.len()].eq_ignore_ascii_case(prefix)
 }
 
-/// `text` calls one of `functions` (`name(`, any ASCII case). Only the bytes before each `(`
-/// are compared, so a query without parentheses costs one vectorised scan.
-fn calls_any(text: &[u8], functions: &[&[u8]]) -> bool {
-    memchr::memchr_iter(b'(', text).any(|i| {
-        let before = &text[..i];
-        functions.iter().any(|f| {
-            before.len() >= f.len() && before[before.len() - f.len()..].eq_ignore_ascii_case(f)
-        })
-    })
-}
-
 /// A simple query that ends a transaction with COMMIT (or END).
 fn is_commit(query: &[u8]) -> bool {
     let text = trim_start(query);
@@ -1700,7 +1709,16 @@ mod tests {
         let follows = |name: &[u8]| {
             name.eq_ignore_ascii_case(b"timezone") || name.eq_ignore_ascii_case(b"application_name")
         };
-        let hazard = |q: &[u8]| session_state_hazard(q, follows);
+        let all = |q: &[u8], several: bool| {
+            let mut found = Vec::new();
+            session_state_hazards(q, several, follows, |h| found.push(h));
+            found
+        };
+        let hazard = |q: &[u8]| {
+            let found = all(q, false);
+            assert!(found.len() <= 1, "{found:?}");
+            found.first().copied()
+        };
         assert_eq!(hazard(b"  PREPARE x AS select 1"), Some(Hazard::Prepare));
         assert_eq!(hazard(b"listen ch"), Some(Hazard::Listen));
         assert_eq!(
@@ -1732,13 +1750,21 @@ mod tests {
         assert_eq!(hazard(b"select 1"), None);
         assert_eq!(hazard(b""), None);
         assert_eq!(set_target(b"SET  x.y = 1"), Some(&b"x.y"[..]));
-        let split: Vec<&[u8]> = sql_statements(b"BEGIN; LISTEN a;COMMIT;").collect();
-        assert_eq!(split, [&b"BEGIN"[..], b" LISTEN a", b"COMMIT", b""]);
-        assert_eq!(
-            sql_statements(b"SELECT 1").collect::<Vec<_>>(),
-            [&b"SELECT 1"[..]]
-        );
         assert_eq!(set_target(b"SET"), None);
+        // Several statements: each start is looked at, an advisory lock once per query.
+        assert_eq!(
+            all(
+                b"BEGIN; LISTEN a;SET work_mem = 1; select pg_advisory_lock(1);COMMIT;",
+                true
+            ),
+            [Hazard::Listen, Hazard::Set, Hazard::AdvisoryLock]
+        );
+        assert_eq!(
+            all(b"SELECT 1; LISTEN a", false),
+            [],
+            "a Parse holds one statement"
+        );
+        assert_eq!(all(b"SELECT abalance FROM t WHERE aid = 1;", true), []);
     }
 
     #[test]
