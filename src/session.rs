@@ -1281,9 +1281,7 @@ impl Relay {
             return;
         };
         conn.param_reported(name, value);
-        if self.tracked.iter().any(|t| t.eq_ignore_ascii_case(name))
-            && self.wanted.get(name) != Some(value)
-        {
+        if is_tracked(&self.tracked, name.as_bytes()) && self.wanted.get(name) != Some(value) {
             self.wanted = Arc::new(self.wanted.with(name, value));
         }
     }
@@ -1549,15 +1547,20 @@ fn fatal_code(body: &[u8]) -> Option<String> {
     }
 }
 
+/// `name` is one of the tracked parameters, in any ASCII case.
+fn is_tracked(tracked: &[String], name: &[u8]) -> bool {
+    tracked
+        .iter()
+        .any(|t| t.as_bytes().eq_ignore_ascii_case(name))
+}
+
 /// Counts (and logs at debug level) the statements of a transaction-mode query, simple
 /// (`several` statements) or the text of a Parse, that create session state the client's
 /// next server will not have.
 fn note_hazards(query: &[u8], several: bool, tracked: &[String], conn: &ServerConn) {
     // A parameter follows the client when it is tracked and the server reports its changes.
     let follows = |name: &[u8]| {
-        tracked
-            .iter()
-            .any(|t| t.as_bytes().eq_ignore_ascii_case(name))
+        is_tracked(tracked, name)
             && conn
                 .params
                 .keys()
