@@ -868,8 +868,9 @@ pub fn node_lag(topology: &Topology, index: usize) -> (Option<u64>, Option<u64>)
     (behind(node.lsn_value()), behind(node.replay_lsn_value()))
 }
 
-/// Sets the state gauges from the proxy and the topology; called when `/metrics` is scraped.
-pub fn refresh(proxy: &Proxy, topology: &Topology) {
+/// Sets the state gauges from the proxy and the topology; only through `scrape`, which takes
+/// the turn.
+fn refresh(proxy: &Proxy, topology: &Topology) {
     ready();
     let (mut active, mut waiting, mut idle_servers) = (0usize, 0usize, 0usize);
     for pool in proxy.pools.all() {
