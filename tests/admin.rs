@@ -24,13 +24,21 @@ const STEP: Duration = Duration::from_secs(30);
 
 /// A cluster (primary + `standbys`) with pgswitch in front, its admin API on a port the OS picks.
 async fn env(standbys: usize) -> TestEnv {
+    env_with(standbys, |_| {}).await
+}
+
+/// `env`, with the config changed further by `tweak`.
+async fn env_with(standbys: usize, tweak: impl FnOnce(&mut pgswitch::config::Config)) -> TestEnv {
     panic_watch::install();
     TestEnv::start(
         ClusterSpec {
             standbys,
             ..ClusterSpec::default()
         },
-        |c| c.admin_listen = "127.0.0.1:0".into(),
+        |c| {
+            c.admin_listen = "127.0.0.1:0".into();
+            tweak(c);
+        },
     )
     .await
 }
@@ -328,18 +336,7 @@ async fn health_ready_status_pause_resume_and_errors() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_guards_the_changing_endpoints_and_the_cli_sends_it() {
-    panic_watch::install();
-    let env = TestEnv::start(
-        ClusterSpec {
-            standbys: 1,
-            ..ClusterSpec::default()
-        },
-        |c| {
-            c.admin_listen = "127.0.0.1:0".into();
-            c.admin_token = "s3cret-token".into();
-        },
-    )
-    .await;
+    let env = env_with(1, |c| c.admin_token = "s3cret-token".into()).await;
     let addr = env.proxy.admin_addr;
 
     let denied = call(addr, Method::POST, "/pause", None, None).await;
@@ -602,18 +599,7 @@ async fn during_content_type(admin: SocketAddr) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ready_and_node_metrics_follow_a_primary_crash() {
     // Failover off: the primary stays gone until it is started again.
-    panic_watch::install();
-    let env = TestEnv::start(
-        ClusterSpec {
-            standbys: 1,
-            ..ClusterSpec::default()
-        },
-        |c| {
-            c.admin_listen = "127.0.0.1:0".into();
-            c.failover.enabled = false;
-        },
-    )
-    .await;
+    let env = env_with(1, |c| c.failover.enabled = false).await;
     let admin = env.proxy.admin_addr;
     wait_for(admin, "/ready", "ready", |a| a.status == StatusCode::OK).await;
     let mut clients = Vec::new();
@@ -829,18 +815,7 @@ async fn hazards(admin: SocketAddr) -> Vec<(&'static str, f64)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn session_state_hazards_are_counted_from_simple_queries_and_parses() {
     // Transaction mode; no other test of this file sends such statements.
-    panic_watch::install();
-    let env = TestEnv::start(
-        ClusterSpec {
-            standbys: 0,
-            ..ClusterSpec::default()
-        },
-        |c| {
-            c.admin_listen = "127.0.0.1:0".into();
-            c.pool_mode = pgswitch::config::PoolMode::Transaction;
-        },
-    )
-    .await;
+    let env = env_with(0, |c| c.pool_mode = pgswitch::config::PoolMode::Transaction).await;
     let admin = env.proxy.admin_addr;
     let before = hazards(admin).await;
     let client = env.connect().await;
