@@ -408,22 +408,48 @@ impl ServerConn {
     /// Runs a control query and waits for ReadyForQuery. ParameterStatus updates are recorded;
     /// the first error, if any, is returned after the server is ready again.
     pub async fn simple_query(&mut self, sql: &str) -> Result<(), ServerError> {
+        self.query_row(sql).await.map(drop)
+    }
+
+    /// [`Self::simple_query`] that returns the values of the last row (text; `None` for NULL).
+    async fn query_row(&mut self, sql: &str) -> Result<Option<Vec<Option<String>>>, ServerError> {
         let mut out = BytesMut::new();
         frontend::query(sql, &mut out)?;
         self.stream.write_all(&out).await?;
         self.last_used = crate::clock::now_micros();
-        self.read_until_ready().await
+        let mut row = None;
+        self.read_rows_until_ready(&mut row).await?;
+        Ok(row)
     }
 
     /// Reads the answers to a control request up to ReadyForQuery, recording ParameterStatus
     /// updates; the first error, if any, is returned once the server is ready again.
     async fn read_until_ready(&mut self) -> Result<(), ServerError> {
+        self.read_rows_until_ready(&mut None).await
+    }
+
+    /// [`Self::read_until_ready`] that also keeps the values of the last DataRow in `row`
+    /// (text; `None` for NULL).
+    async fn read_rows_until_ready(
+        &mut self,
+        row: &mut Option<Vec<Option<String>>>,
+    ) -> Result<(), ServerError> {
         let mut buf = std::mem::take(&mut self.pending);
         let mut first_error = None;
         loop {
             match self.read_message(&mut buf).await? {
                 Message::ParameterStatus(body) => {
                     self.param_reported(body.name()?, body.value()?);
+                }
+                Message::DataRow(body) => {
+                    let mut values = Vec::new();
+                    let mut ranges = body.ranges();
+                    while let Some(range) = ranges.next()? {
+                        values.push(
+                            range.map(|r| String::from_utf8_lossy(&body.buffer()[r]).into_owned()),
+                        );
+                    }
+                    *row = Some(values);
                 }
                 Message::ErrorResponse(body) => {
                     let e = postgres_error(body.fields())?;
@@ -455,7 +481,10 @@ impl ServerConn {
 
     /// Makes the server's session parameters match what a client asked for, with one round trip
     /// of `set_config` calls for the values that differ. `set_config` parses a value the way
-    /// a startup packet does, so list settings (`search_path = 'a,b'`) keep their meaning.
+    /// a startup packet does, so list settings (`search_path = 'a,b'`) keep their meaning. A
+    /// value pgswitch set on this connection for an earlier client, which this client did not
+    /// ask for, is reset to the server's default (`set_config(name, NULL, …)`): one client's
+    /// startup `search_path` or `statement_timeout` never reaches another.
     pub async fn sync_params(&mut self, wanted: &ParamSet) -> Result<(), ServerError> {
         if self.params_match(wanted) {
             return Ok(());
@@ -471,11 +500,25 @@ impl ServerConn {
                 quote_literal(value)
             ));
         }
-        if calls.is_empty() {
-            return Ok(());
+        let stale: Vec<String> = self
+            .applied
+            .keys()
+            .filter(|name| wanted.get(name).is_none())
+            .cloned()
+            .collect();
+        for name in &stale {
+            calls.push(format!(
+                "pg_catalog.set_config({}, NULL, false)",
+                quote_literal(name)
+            ));
         }
-        self.simple_query(&format!("SELECT {}", calls.join(", ")))
-            .await?;
+        if !calls.is_empty() {
+            self.simple_query(&format!("SELECT {}", calls.join(", ")))
+                .await?;
+        }
+        for name in &stale {
+            self.applied.remove(name);
+        }
         for (name, value) in wanted.values() {
             if !self.params.keys().any(|k| k.eq_ignore_ascii_case(name)) {
                 self.applied.insert(name.clone(), value.clone());
@@ -485,8 +528,9 @@ impl ServerConn {
         Ok(())
     }
 
-    /// Whether the connection already has every value of `wanted`, without a round trip. A
-    /// connection that last matched this very set (nothing changed since) is not compared again.
+    /// Whether the connection already has every value of `wanted`, and nothing pgswitch set
+    /// for another client, without a round trip. A connection that last matched this very set
+    /// (nothing changed since) is not compared again.
     pub fn params_match(&mut self, wanted: &ParamSet) -> bool {
         if self.synced_params == wanted.id() {
             return true;
@@ -494,11 +538,56 @@ impl ServerConn {
         let all = wanted
             .values()
             .iter()
-            .all(|(name, value)| self.current_param(name) == Some(value.as_str()));
+            .all(|(name, value)| self.current_param(name) == Some(value.as_str()))
+            && self.applied.keys().all(|name| wanted.get(name).is_some());
         if all {
             self.synced_params = wanted.id();
         }
         all
+    }
+
+    /// The server's current values of the parameters it does not report that pgswitch keeps
+    /// for clients: each of `names` (tracked, not reported by this server) and each value
+    /// pgswitch set here. One round trip; the values are recorded as what this connection
+    /// has, and returned. Used after a client's transaction changed some of them (`SET
+    /// search_path`, `RESET ALL`, `set_config(…)`), which no ParameterStatus reports.
+    pub async fn read_params(
+        &mut self,
+        names: &[String],
+    ) -> Result<Vec<(String, String)>, ServerError> {
+        let mut asked: Vec<String> = names
+            .iter()
+            .filter(|n| !self.params.keys().any(|k| k.eq_ignore_ascii_case(n)))
+            .cloned()
+            .collect();
+        for name in self.applied.keys() {
+            if !asked.iter().any(|n| n.eq_ignore_ascii_case(name)) {
+                asked.push(name.clone());
+            }
+        }
+        if asked.is_empty() {
+            return Ok(Vec::new());
+        }
+        let columns: Vec<String> = asked
+            .iter()
+            .map(|n| format!("pg_catalog.current_setting({}, true)", quote_literal(n)))
+            .collect();
+        let row = self
+            .query_row(&format!("SELECT {}", columns.join(", ")))
+            .await?;
+        let row = row.ok_or_else(|| self.protocol("no row for the parameters read back"))?;
+        self.synced_params = 0;
+        let mut read = Vec::new();
+        for (name, value) in asked.into_iter().zip(row) {
+            // NULL: a custom parameter no longer defined (RESET ALL of a placeholder).
+            let Some(value) = value else {
+                self.applied.remove(&name);
+                continue;
+            };
+            self.applied.insert(name.clone(), value.clone());
+            read.push((name, value));
+        }
+        Ok(read)
     }
 
     /// The server reported a new value: the connection no longer provably matches any set.

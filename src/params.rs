@@ -45,6 +45,13 @@ impl ParamSet {
             .map(|(_, v)| v.as_str())
     }
 
+    /// Whether the set has a value for `name`, in any ASCII case.
+    pub fn has(&self, name: &[u8]) -> bool {
+        self.values
+            .iter()
+            .any(|(n, _)| n.as_bytes().eq_ignore_ascii_case(name))
+    }
+
     /// A copy with `name` set to `value` (added when absent).
     pub fn with(&self, name: &str, value: &str) -> ParamSet {
         let mut values = self.values.clone();

@@ -431,6 +431,12 @@ pub fn rewrite_bind_start(
     }
 }
 
+/// The statement a Bind message (header included; its start is enough) binds, once its name
+/// has arrived.
+pub fn bind_statement(msg: &[u8]) -> Option<&[u8]> {
+    bind_names(msg).map(|(_, stmt)| stmt)
+}
+
 /// The portal and statement names at the start of a Bind message (header included).
 fn bind_names(msg: &[u8]) -> Option<(&[u8], &[u8])> {
     let (portal, rest) = cstr(msg.get(5..)?)?;

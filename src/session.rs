@@ -126,7 +126,7 @@ impl ClientSession {
                     ));
                     match event {
                         RelayEvent::NeedServer if s.attach_now() => armed.server = false,
-                        RelayEvent::ServerIdle => {
+                        RelayEvent::ServerIdle if !s.relay.relearn => {
                             s.release_server();
                             armed.server = false;
                         }
@@ -312,11 +312,47 @@ impl Session {
         self.relay.shrink_idle_buffers();
     }
 
+    /// Transaction mode: the server finished a transaction that changed parameters it does
+    /// not report (`SET search_path` on PostgreSQL 15, `RESET ALL`, `set_config(…)`). Their
+    /// values are read back before the server goes to the next client, so the client keeps
+    /// them on its next server and the next client of this one gets its own.
+    async fn relearn_and_release(&mut self) {
+        self.relay.relearn = false;
+        let cancelled = self.cancel.slot.set(None);
+        let Some(mut s) = self.server.take() else {
+            return;
+        };
+        self.relay.return_buffers(&mut s.conn);
+        let names = self.relay.kept_names();
+        let read = async {
+            if let Some(cancelled) = cancelled {
+                absorb_cancel(&mut s.conn, cancelled).await?;
+            }
+            s.conn.read_params(&names).await
+        };
+        match tokio::time::timeout(Duration::from_secs(10), read).await {
+            Ok(Ok(values)) => {
+                self.relay.learned(&values);
+                s.release();
+            }
+            Ok(Err(e)) => {
+                debug!(client = self.id, server = s.conn.id, error = %e, "reading session parameters back failed; closing the server");
+                s.discard();
+            }
+            Err(_) => s.discard(),
+        }
+        self.relay.shrink_idle_buffers();
+    }
+
     /// Everything but the two events of every transaction.
     async fn on_event(&mut self, end: RelayEvent) -> Flow {
         let id = self.id;
         match end {
-            RelayEvent::NeedServer | RelayEvent::ServerIdle => Flow::Continue,
+            RelayEvent::ServerIdle => {
+                self.relearn_and_release().await;
+                Flow::Continue
+            }
+            RelayEvent::NeedServer => Flow::Continue,
             RelayEvent::ClientLeft | RelayEvent::ClientGone(_) => {
                 let cancelled = self.cancel.slot.set(None);
                 if let RelayEvent::ClientGone(e) = &end {
@@ -603,6 +639,10 @@ async fn return_server(
         if let Some(cancelled) = cancelled {
             absorb_cancel(&mut server.conn, cancelled).await?;
         }
+        if relay.relearn {
+            // What the client changed stays on the server: pgswitch must know it.
+            server.conn.read_params(&relay.kept_names()).await?;
+        }
         Ok::<(), crate::backend::ServerError>(())
     };
     match tokio::time::timeout(Duration::from_secs(10), reset).await {
@@ -692,6 +732,13 @@ struct Relay {
     tracker: Tracker,
     /// Session parameters this client keeps across servers.
     wanted: Arc<ParamSet>,
+    /// The transaction may have changed parameters the server does not report: read them
+    /// back before the server goes to another client.
+    relearn: bool,
+    /// Named statements whose text may change such parameters (a prepared `SET
+    /// search_path`): a Bind of one sets `relearn`. Made on first use.
+    #[allow(clippy::box_collection)]
+    param_statements: Option<Box<std::collections::HashSet<Vec<u8>>>>,
     tracked: Arc<[String]>,
     max_message: usize,
     cache_size: usize,
@@ -739,6 +786,8 @@ impl Relay {
             failing: None,
             tracker: Tracker::default(),
             wanted,
+            relearn: false,
+            param_statements: None,
             tracked: tracked_names(proxy),
             max_message: proxy.config().max_message_bytes,
             cache_size: proxy.config().prepared_statement_cache_size,
@@ -931,6 +980,12 @@ impl Relay {
                 b'P' | b'B' | b'D' | b'E' | b'C' => self.unsynced = true,
                 _ => {}
             }
+            if tag == b'B' {
+                if let Some(named) = &self.param_statements {
+                    let stmt = prepared::bind_statement(&self.client_in);
+                    self.relearn |= stmt.is_some_and(|s| named.contains(s));
+                }
+            }
             if !self.rewrites() && matches!(tag, b'P' | b'C') && body < 1 << 20 {
                 // Session mode: remember named statements, to restore them on the next server
                 // should this one go away (failover).
@@ -984,7 +1039,17 @@ impl Relay {
                 let msg = &self.client_in[..5 + body];
                 if tag == b'P' && body < 4096 {
                     if let Some(query) = prepared::parse_query(&msg[5..]) {
-                        note_hazards(query, false, &self.tracked, conn);
+                        if note_hazards(query, false, &self.tracked, &self.wanted, conn) {
+                            self.relearn = true;
+                            // Each transaction that runs it reads the parameters back too.
+                            if let Some(p) = prepared::parse_parse(&msg[5..]) {
+                                if !p.name.is_empty() {
+                                    self.param_statements
+                                        .get_or_insert_with(Default::default)
+                                        .insert(p.name.to_vec());
+                                }
+                            }
+                        }
                     }
                 }
                 if prepared::rewrite_client_message(
@@ -1014,7 +1079,13 @@ impl Relay {
             }
             if self.rewrites() && tag == b'Q' && body < 4096 && self.client_in.len() >= 5 + body {
                 // A simple query may hold several statements.
-                note_hazards(&self.client_in[5..5 + body], true, &self.tracked, conn);
+                self.relearn |= note_hazards(
+                    &self.client_in[5..5 + body],
+                    true,
+                    &self.tracked,
+                    &self.wanted,
+                    conn,
+                );
             }
             if self.rewrites() && prepared::is_tracked_request(tag) {
                 self.tracker.push(Pending::Reply {
@@ -1281,8 +1352,35 @@ impl Relay {
             return;
         };
         conn.param_reported(name, value);
-        if is_tracked(&self.tracked, name.as_bytes()) && self.wanted.get(name) != Some(value) {
+        if self.keeps(name.as_bytes()) && self.wanted.get(name) != Some(value) {
             self.wanted = Arc::new(self.wanted.with(name, value));
+        }
+    }
+
+    /// The client keeps this parameter across servers: it is tracked, or the client gave it
+    /// at startup.
+    fn keeps(&self, name: &[u8]) -> bool {
+        is_tracked(&self.tracked, name) || self.wanted.has(name)
+    }
+
+    /// The names of the parameters this client keeps (the tracked ones and its own).
+    fn kept_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.tracked.to_vec();
+        for (name, _) in self.wanted.values() {
+            if !is_tracked(&self.tracked, name.as_bytes()) {
+                names.push(name.clone());
+            }
+        }
+        names
+    }
+
+    /// Values read back from the server after the client's transaction: those the client
+    /// keeps are its values from now on.
+    fn learned(&mut self, values: &[(String, String)]) {
+        for (name, value) in values {
+            if self.keeps(name.as_bytes()) && self.wanted.get(name) != Some(value.as_str()) {
+                self.wanted = Arc::new(self.wanted.with(name, value));
+            }
         }
     }
 
@@ -1556,58 +1654,92 @@ fn is_tracked(tracked: &[String], name: &[u8]) -> bool {
 
 /// Counts (and logs at debug level) the statements of a transaction-mode query, simple
 /// (`several` statements) or the text of a Parse, that create session state the client's
-/// next server will not have.
-fn note_hazards(query: &[u8], several: bool, tracked: &[String], conn: &ServerConn) {
-    // A parameter follows the client when it is tracked and the server reports its changes.
-    let follows = |name: &[u8]| {
-        is_tracked(tracked, name)
-            && conn
-                .params
-                .keys()
-                .any(|k| k.as_bytes().eq_ignore_ascii_case(name))
+/// next server will not have. True when the query may change parameters the client keeps
+/// that the server does not report: pgswitch reads them back after the transaction.
+fn note_hazards(
+    query: &[u8],
+    several: bool,
+    tracked: &[String],
+    wanted: &ParamSet,
+    conn: &ServerConn,
+) -> bool {
+    let has = |map: &std::collections::BTreeMap<String, String>, name: &[u8]| {
+        map.keys().any(|k| k.as_bytes().eq_ignore_ascii_case(name))
     };
-    session_state_hazards(query, several, follows, |hazard| {
+    let kind = |name: &[u8]| {
+        let kept = is_tracked(tracked, name) || wanted.has(name);
+        match (kept, has(&conn.params, name)) {
+            (true, true) => ParamKind::Reported,
+            (true, false) => ParamKind::ReadBack,
+            (false, _) if has(&conn.applied, name) => ParamKind::Applied,
+            (false, _) => ParamKind::Lost,
+        }
+    };
+    session_state_hazards(query, several, kind, |hazard| {
         debug!(
             kind = hazard.as_str(),
             "session state in transaction mode does not follow the client to its next server"
         );
         metrics::session_state_hazard(hazard);
-    });
+    })
+}
+
+/// How a change of a session parameter reaches the client's next server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ParamKind {
+    /// The client keeps it and the server reports its changes (ParameterStatus).
+    Reported,
+    /// The client keeps it, the server does not report it: read back after the transaction.
+    ReadBack,
+    /// The client does not keep it (a hazard), but pgswitch set it on this server for some
+    /// client: read back so pgswitch knows what the server has.
+    Applied,
+    /// The client does not keep it: a hazard.
+    Lost,
 }
 
 /// Session state a query creates that transaction pooling cannot carry to the client's next
 /// server (see the README's list of transaction-mode caveats), each passed to `found`;
-/// `follows(name)` says whether a `SET name` does follow the client. With `several`, each
-/// statement start after a `;` is looked at too (a `;` inside a string literal splits as
-/// well: cheaper than lexing every query, and harmless for a metric). A session advisory lock
-/// is looked for once in the whole text. This runs on every simple query and every Parse: a
-/// few prefix comparisons and one vectorised scan.
+/// `kind(name)` says how a change of parameter `name` follows the client. Returns whether a
+/// statement may change a parameter that must be read back ([`ParamKind::ReadBack`],
+/// [`ParamKind::Applied`], `RESET ALL`, `DISCARD ALL`, a `set_config(…)` call). With
+/// `several`, each statement start after a `;` is looked at too (a `;` inside a string literal
+/// splits as well: cheaper than lexing every query, and harmless for a metric). A function
+/// call is looked for once in the whole text. This runs on every simple query and every
+/// Parse: a few prefix comparisons and one vectorised scan.
 fn session_state_hazards(
     query: &[u8],
     several: bool,
-    follows: impl Fn(&[u8]) -> bool,
+    kind: impl Fn(&[u8]) -> ParamKind,
     mut found: impl FnMut(Hazard),
-) {
+) -> bool {
+    let mut read_back = false;
     let mut statement = |text: &[u8]| {
-        if let Some(hazard) = statement_hazard(trim_start(text), &follows) {
+        let (hazard, read) = statement_effect(trim_start(text), &kind);
+        if let Some(hazard) = hazard {
             found(hazard);
         }
+        read_back |= read;
     };
     statement(query);
     // One scan finds both the statement ends and the calls.
     let mut locked = false;
+    let mut sets = false;
     for at in memchr::memchr2_iter(b';', b'(', query) {
         if query[at] == b';' {
             if several {
                 statement(&query[at + 1..]);
             }
-        } else if !locked && calls_advisory_lock(&query[..at]) {
-            locked = true;
+        } else {
+            let before = trim_end(&query[..at]);
+            locked = locked || calls_advisory_lock(before);
+            sets = sets || ends_with_word(before, b"set_config");
         }
     }
     if locked {
         found(Hazard::AdvisoryLock);
     }
+    read_back || sets
 }
 
 /// `before` (the text up to a `(`) ends with the name of a session advisory lock function,
@@ -1619,34 +1751,50 @@ fn calls_advisory_lock(before: &[u8]) -> bool {
         b"pg_advisory_lock_shared",
         b"pg_try_advisory_lock_shared",
     ];
-    FUNCTIONS.iter().any(|f| {
-        before.len() >= f.len() && before[before.len() - f.len()..].eq_ignore_ascii_case(f)
-    })
+    FUNCTIONS.iter().any(|f| ends_with_word(before, f))
 }
 
-/// The hazard a statement (leading space removed) creates by what it starts with.
-fn statement_hazard(text: &[u8], follows: impl Fn(&[u8]) -> bool) -> Option<Hazard> {
+/// `text` ends with `suffix`, ignoring ASCII case.
+fn ends_with_word(text: &[u8], suffix: &[u8]) -> bool {
+    text.len() >= suffix.len() && text[text.len() - suffix.len()..].eq_ignore_ascii_case(suffix)
+}
+
+/// What a statement (leading space removed) does by what it starts with: the hazard it
+/// creates, and whether it may change a parameter that must be read back.
+fn statement_effect(text: &[u8], kind: impl Fn(&[u8]) -> ParamKind) -> (Option<Hazard>, bool) {
     if starts_with_word(text, b"prepare ") {
-        Some(Hazard::Prepare)
+        (Some(Hazard::Prepare), false)
     } else if starts_with_word(text, b"listen ") {
-        Some(Hazard::Listen)
+        (Some(Hazard::Listen), false)
     } else if starts_with_word(text, b"create temp") {
-        Some(Hazard::TempTable)
+        (Some(Hazard::TempTable), false)
     } else if let Some(name) = set_target(text) {
-        (!follows(name)).then_some(Hazard::Set)
+        match kind(name) {
+            ParamKind::Reported => (None, false),
+            ParamKind::ReadBack => (None, true),
+            ParamKind::Applied => (Some(Hazard::Set), true),
+            ParamKind::Lost => (Some(Hazard::Set), false),
+        }
+    } else if let Some(name) = reset_target(text) {
+        let all = name.eq_ignore_ascii_case(b"all");
+        let read = all || matches!(kind(name), ParamKind::ReadBack | ParamKind::Applied);
+        (None, read)
     } else {
-        None
+        (None, starts_with_word(text, b"discard all"))
     }
+}
+
+/// The parameter (or `ALL`) a `RESET name` resets, quotes removed.
+fn reset_target(text: &[u8]) -> Option<&[u8]> {
+    if !(starts_with_word(text, b"reset") && text.get(5).is_some_and(u8::is_ascii_whitespace)) {
+        return None;
+    }
+    parameter_name(trim_start(&text[5..]))
 }
 
 /// The parameter a session-wide `SET [SESSION] name …` changes (quotes removed), or None for
 /// anything else, `SET LOCAL` and `SET TRANSACTION` included.
 fn set_target(text: &[u8]) -> Option<&[u8]> {
-    let word_end = |t: &[u8]| {
-        t.iter()
-            .position(|b| !(b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'$')))
-            .unwrap_or(t.len())
-    };
     if !(starts_with_word(text, b"set") && text.get(3).is_some_and(u8::is_ascii_whitespace)) {
         return None;
     }
@@ -1660,14 +1808,27 @@ fn set_target(text: &[u8]) -> Option<&[u8]> {
     } else {
         rest
     };
-    if let Some(quoted) = rest.strip_prefix(b"\"") {
+    parameter_name(rest)
+}
+
+/// The parameter name `text` starts with: a double-quoted one without its quotes, or a word
+/// (letters, digits, `_`, `.`, `$`).
+fn parameter_name(text: &[u8]) -> Option<&[u8]> {
+    if let Some(quoted) = text.strip_prefix(b"\"") {
         return quoted
             .iter()
             .position(|&b| b == b'"')
             .map(|end| &quoted[..end]);
     }
-    let name = &rest[..word_end(rest)];
+    let name = &text[..word_end(text)];
     (!name.is_empty()).then_some(name)
+}
+
+/// Where the word `text` starts with ends: letters, digits, `_`, `.`, `$`.
+fn word_end(text: &[u8]) -> usize {
+    text.iter()
+        .position(|b| !(b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'$')))
+        .unwrap_or(text.len())
 }
 
 fn trim_start(text: &[u8]) -> &[u8] {
@@ -1676,6 +1837,14 @@ fn trim_start(text: &[u8]) -> &[u8] {
         .position(|b| !b.is_ascii_whitespace())
         .unwrap_or(text.len());
     &text[skip..]
+}
+
+fn trim_end(text: &[u8]) -> &[u8] {
+    let keep = text
+        .iter()
+        .rposition(|b| !b.is_ascii_whitespace())
+        .map_or(0, |at| at + 1);
+    &text[..keep]
 }
 
 /// `text` starts with `prefix`, ignoring ASCII case.
@@ -1708,15 +1877,27 @@ mod tests {
 
     #[test]
     fn hazards_are_found_in_any_case_and_spacing() {
-        // Parameters that follow the client here: TimeZone and application_name.
-        let follows = |name: &[u8]| {
-            name.eq_ignore_ascii_case(b"timezone") || name.eq_ignore_ascii_case(b"application_name")
+        // Reported and kept here: TimeZone and application_name; kept, not reported:
+        // search_path; set by pgswitch for another client: statement_timeout.
+        let kind = |name: &[u8]| {
+            let is = |n: &[u8]| name.eq_ignore_ascii_case(n);
+            if is(b"timezone") || is(b"application_name") {
+                ParamKind::Reported
+            } else if is(b"search_path") {
+                ParamKind::ReadBack
+            } else if is(b"statement_timeout") {
+                ParamKind::Applied
+            } else {
+                ParamKind::Lost
+            }
         };
-        let all = |q: &[u8], several: bool| {
+        let effect = |q: &[u8], several: bool| {
             let mut found = Vec::new();
-            session_state_hazards(q, several, follows, |h| found.push(h));
-            found
+            let read_back = session_state_hazards(q, several, kind, |h| found.push(h));
+            (found, read_back)
         };
+        let all = |q: &[u8], several: bool| effect(q, several).0;
+        let read_back = |q: &[u8]| effect(q, true).1;
         let hazard = |q: &[u8]| {
             let found = all(q, false);
             assert!(found.len() <= 1, "{found:?}");
@@ -1737,7 +1918,8 @@ mod tests {
             hazard(b"CREATE TEMPORARY TABLE t (a int)"),
             Some(Hazard::TempTable)
         );
-        assert_eq!(hazard(b"SET search_path = a"), Some(Hazard::Set));
+        assert_eq!(hazard(b"SET search_path = a"), None);
+        assert_eq!(hazard(b"SET statement_timeout = 1"), Some(Hazard::Set));
         assert_eq!(hazard(b"set\tSESSION work_mem TO '8MB'"), Some(Hazard::Set));
         assert_eq!(hazard(b"SET ROLE other"), Some(Hazard::Set));
         assert_eq!(
@@ -1768,6 +1950,33 @@ mod tests {
             "a Parse holds one statement"
         );
         assert_eq!(all(b"SELECT abalance FROM t WHERE aid = 1;", true), []);
+        // What is read back after the transaction.
+        for q in [
+            &b"SET search_path = a"[..],
+            b"set session \"SEARCH_PATH\" to a",
+            b"BEGIN; SET search_path TO a; COMMIT",
+            b"SET statement_timeout = 5",
+            b"RESET search_path",
+            b"reset\tall",
+            b"DISCARD ALL",
+            b"SELECT pg_catalog.set_config('search_path', $1, false)",
+            b"select SET_CONFIG ('x', 'y', false)",
+        ] {
+            assert!(read_back(q), "{}", String::from_utf8_lossy(q));
+        }
+        for q in [
+            &b"SET TimeZone = 'UTC'"[..],
+            b"SET work_mem = 1",
+            b"SET LOCAL search_path = a",
+            b"RESET work_mem",
+            b"resetting",
+            b"SELECT current_setting('search_path')",
+            b"DISCARD PLANS",
+            b"select 1",
+        ] {
+            assert!(!read_back(q), "{}", String::from_utf8_lossy(q));
+        }
+        assert_eq!(reset_target(b"RESET \"x.y\""), Some(&b"x.y"[..]));
     }
 
     #[test]

@@ -823,6 +823,7 @@ async fn session_state_hazards_are_counted_from_simple_queries_and_parses() {
     for sql in [
         "SET application_name = 'hazards'", // tracked and reported: follows the client
         "SET TimeZone = 'UTC'",             // the same
+        "SET search_path = public",         // tracked, read back after the transaction: none
         "SET work_mem = '8MB'",             // set
         "SET SESSION ROLE NONE",            // set
         "LISTEN hazards",                   // listen

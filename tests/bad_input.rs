@@ -10,12 +10,12 @@ mod panic_watch;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use common::{on_primary, wait_on_primary, within, TestEnv, PASSWORD, USER};
+use common::{on_primary, simple_value, wait_on_primary, within, TestEnv, PASSWORD, USER};
 use pgswitch::config::{Config, PoolMode, UserConfig};
 use pgswitch::harness::ClusterSpec;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
+use tokio_postgres::{Client, NoTls};
 
 const PROTOCOL_3_0: u32 = 196_608;
 const CANCEL_REQUEST_CODE: u32 = 80_877_102;
@@ -67,18 +67,6 @@ async fn bystander(env: &TestEnv) -> Client {
     .expect("bystander connects");
     tokio::spawn(connection);
     client
-}
-
-async fn simple_value(client: &Client, sql: &str) -> String {
-    let messages = within(sql, STEP, client.simple_query(sql))
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
-    for m in messages {
-        if let SimpleQueryMessage::Row(row) = m {
-            return row.get(0).unwrap_or("<NULL>").to_string();
-        }
-    }
-    panic!("{sql}: no row returned")
 }
 
 /// The bystander still answers, and a brand-new client can still log in.

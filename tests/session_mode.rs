@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{on_primary, wait_on_primary, within, TestEnv, PASSWORD, USER};
+use common::{on_primary, simple_value, wait_on_primary, within, TestEnv, PASSWORD, USER};
 use futures_util::{SinkExt, StreamExt};
 use pgswitch::config::{Config, PoolMode, TlsConfig};
 use pgswitch::harness::ClusterSpec;
@@ -89,19 +89,6 @@ fn expect_sqlstate<T: std::fmt::Debug>(
         ),
         Err(e) => assert_eq!(sqlstate(&e), want.code(), "{what}: unexpected error {e:?}"),
     }
-}
-
-/// The first value of the first row of a simple query.
-async fn simple_value(client: &Client, sql: &str) -> String {
-    let messages = within(sql, STEP, client.simple_query(sql))
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
-    for m in messages {
-        if let SimpleQueryMessage::Row(row) = m {
-            return row.get(0).unwrap_or("<NULL>").to_string();
-        }
-    }
-    panic!("{sql}: no row returned")
 }
 
 /// What a psql run printed.

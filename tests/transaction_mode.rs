@@ -4,10 +4,14 @@
 mod common;
 
 use std::process::Command;
+use std::time::Duration;
 
-use common::{TestEnv, PASSWORD, USER};
+use common::{simple_value, within, TestEnv, PASSWORD, USER};
 use pgswitch::config::PoolMode;
 use pgswitch::harness::ClusterSpec;
+use tokio_postgres::NoTls;
+
+const STEP: Duration = Duration::from_secs(30);
 
 async fn transaction_env(pool_size: usize) -> TestEnv {
     TestEnv::start(
@@ -638,4 +642,125 @@ async fn pool_status_never_counts_a_connection_twice_while_transactions_run() {
         wrong.is_empty(),
         "a pool of {SIZE} was seen with more connections than it has ({reads} reads): {wrong:?}"
     );
+}
+
+/// Each client's `search_path` (with a startup value, set by `SET` in any form, or none) and
+/// startup `-c` settings are what it sees on every transaction, while three clients take
+/// turns on one server connection; nothing one client set reaches another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_parameters_follow_each_client_and_never_leak_to_another() {
+    let env = transaction_env(1).await;
+    let default_path = "\"$user\", public";
+    let plain = env.connect().await;
+    let mut cfg: tokio_postgres::Config = env.app_dsn().parse().expect("dsn");
+    cfg.options("-c statement_timeout=1234 -c search_path=myschema,public");
+    let (started, connection) = within("connect with options", STEP, cfg.connect(NoTls))
+        .await
+        .expect("connect with options");
+    tokio::spawn(connection);
+    let setter = env.connect().await;
+
+    let path = "SHOW search_path";
+    let timeout = "SHOW statement_timeout";
+    assert_eq!(simple_value(&started, path).await, "myschema,public");
+    assert_eq!(simple_value(&started, timeout).await, "1234ms");
+    assert_eq!(
+        simple_value(&plain, path).await,
+        default_path,
+        "a startup search_path reached the next client of the server"
+    );
+    assert_eq!(
+        simple_value(&plain, timeout).await,
+        "0",
+        "a startup statement_timeout reached the next client of the server"
+    );
+    assert_eq!(simple_value(&started, path).await, "myschema,public");
+
+    // SET as a simple query, then the others take the server in between.
+    simple_value(&setter, "SET search_path = s1; SELECT 1").await;
+    for _ in 0..2 {
+        assert_eq!(simple_value(&setter, path).await, "s1");
+        assert_eq!(simple_value(&plain, path).await, default_path);
+        assert_eq!(simple_value(&started, path).await, "myschema,public");
+    }
+    // A SET rolled back is not kept; SET LOCAL lasts its transaction.
+    within(
+        "rolled back",
+        STEP,
+        setter.batch_execute("BEGIN; SET search_path = rolled_back; ROLLBACK"),
+    )
+    .await
+    .expect("rolled-back SET");
+    assert_eq!(simple_value(&plain, path).await, default_path);
+    assert_eq!(simple_value(&setter, path).await, "s1");
+    within(
+        "local",
+        STEP,
+        setter.batch_execute("BEGIN; SET LOCAL search_path = only_here"),
+    )
+    .await
+    .expect("SET LOCAL");
+    assert_eq!(simple_value(&setter, path).await, "only_here");
+    within("commit", STEP, setter.batch_execute("COMMIT"))
+        .await
+        .expect("COMMIT");
+    assert_eq!(simple_value(&plain, path).await, default_path);
+    assert_eq!(simple_value(&setter, path).await, "s1");
+    // SET through Parse/Bind/Execute, and set_config() in a SELECT.
+    within(
+        "extended SET",
+        STEP,
+        setter.execute("SET search_path = s2", &[]),
+    )
+    .await
+    .expect("extended SET");
+    assert_eq!(simple_value(&plain, path).await, default_path);
+    let row = within("extended SHOW", STEP, setter.query_one(path, &[]))
+        .await
+        .expect("extended SHOW");
+    assert_eq!(row.get::<_, String>(0), "s2");
+    within(
+        "set_config",
+        STEP,
+        setter.query_one(
+            "SELECT set_config('search_path', $1, false)",
+            &[&"s3, public"],
+        ),
+    )
+    .await
+    .expect("set_config");
+    assert_eq!(simple_value(&started, path).await, "myschema,public");
+    assert_eq!(simple_value(&setter, path).await, "s3, public");
+    // RESET: back to the default.
+    simple_value(&setter, "RESET search_path; SELECT 1").await;
+    assert_eq!(simple_value(&started, path).await, "myschema,public");
+    assert_eq!(simple_value(&setter, path).await, default_path);
+    within(
+        "SET TO",
+        STEP,
+        setter.batch_execute("SET search_path TO s4"),
+    )
+    .await
+    .expect("SET TO");
+
+    // All three at once over the one server, many times.
+    let turns = |client: tokio_postgres::Client, want: &'static str| {
+        tokio::spawn(async move {
+            for i in 0..100 {
+                let got = simple_value(&client, "SHOW search_path").await;
+                assert_eq!(got, want, "turn {i}");
+            }
+            client
+        })
+    };
+    let a = turns(plain, "\"$user\", public");
+    let b = turns(started, "myschema,public");
+    let c = turns(setter, "s4");
+    let (plain, started, _setter) = (
+        a.await.expect("plain"),
+        b.await.expect("started"),
+        c.await.expect("setter"),
+    );
+    assert_eq!(simple_value(&started, timeout).await, "1234ms");
+    assert_eq!(simple_value(&plain, timeout).await, "0");
 }

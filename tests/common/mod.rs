@@ -122,6 +122,20 @@ pub async fn connect(dsn: &str) -> tokio_postgres::Client {
     client
 }
 
+/// The first column of the first row a simple query returns, as text (`<NULL>` for NULL);
+/// fails the test on an error, no row, or no answer within 30 s.
+pub async fn simple_value(client: &tokio_postgres::Client, sql: &str) -> String {
+    let messages = within(sql, Duration::from_secs(30), client.simple_query(sql))
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+    for m in messages {
+        if let tokio_postgres::SimpleQueryMessage::Row(row) = m {
+            return row.get(0).unwrap_or("<NULL>").to_string();
+        }
+    }
+    panic!("{sql}: no row returned")
+}
+
 /// Awaits `f`, failing the test when it takes longer than `limit`.
 pub async fn within<F: Future>(what: &str, limit: Duration, f: F) -> F::Output {
     match tokio::time::timeout(limit, f).await {
