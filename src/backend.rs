@@ -408,31 +408,31 @@ impl ServerConn {
     /// Runs a control query and waits for ReadyForQuery. ParameterStatus updates are recorded;
     /// the first error, if any, is returned after the server is ready again.
     pub async fn simple_query(&mut self, sql: &str) -> Result<(), ServerError> {
-        self.query_row(sql).await.map(drop)
+        self.query_rows(sql).await.map(drop)
     }
 
-    /// [`Self::simple_query`] that returns the values of the last row (text; `None` for NULL).
-    async fn query_row(&mut self, sql: &str) -> Result<Option<Vec<Option<String>>>, ServerError> {
+    /// [`Self::simple_query`] that returns the rows (values as text; `None` for NULL).
+    async fn query_rows(&mut self, sql: &str) -> Result<Vec<Vec<Option<String>>>, ServerError> {
         let mut out = BytesMut::new();
         frontend::query(sql, &mut out)?;
         self.stream.write_all(&out).await?;
         self.last_used = crate::clock::now_micros();
-        let mut row = None;
-        self.read_rows_until_ready(&mut row).await?;
-        Ok(row)
+        let mut rows = Vec::new();
+        self.read_rows_until_ready(&mut rows).await?;
+        Ok(rows)
     }
 
     /// Reads the answers to a control request up to ReadyForQuery, recording ParameterStatus
     /// updates; the first error, if any, is returned once the server is ready again.
     async fn read_until_ready(&mut self) -> Result<(), ServerError> {
-        self.read_rows_until_ready(&mut None).await
+        self.read_rows_until_ready(&mut Vec::new()).await
     }
 
-    /// [`Self::read_until_ready`] that also keeps the values of the last DataRow in `row`
-    /// (text; `None` for NULL).
+    /// [`Self::read_until_ready`] that also keeps the values of each DataRow in `rows` (text;
+    /// `None` for NULL).
     async fn read_rows_until_ready(
         &mut self,
-        row: &mut Option<Vec<Option<String>>>,
+        rows: &mut Vec<Vec<Option<String>>>,
     ) -> Result<(), ServerError> {
         let mut buf = std::mem::take(&mut self.pending);
         let mut first_error = None;
@@ -449,7 +449,7 @@ impl ServerConn {
                             range.map(|r| String::from_utf8_lossy(&body.buffer()[r]).into_owned()),
                         );
                     }
-                    *row = Some(values);
+                    rows.push(values);
                 }
                 Message::ErrorResponse(body) => {
                     let e = postgres_error(body.fields())?;
@@ -573,9 +573,10 @@ impl ServerConn {
             .map(|n| format!("pg_catalog.current_setting({}, true)", quote_literal(n)))
             .collect();
         let row = self
-            .query_row(&format!("SELECT {}", columns.join(", ")))
-            .await?;
-        let row = row.ok_or_else(|| self.protocol("no row for the parameters read back"))?;
+            .query_rows(&format!("SELECT {}", columns.join(", ")))
+            .await?
+            .pop()
+            .ok_or_else(|| self.protocol("no row for the parameters read back"))?;
         self.synced_params = 0;
         let mut read = Vec::new();
         for (name, value) in asked.into_iter().zip(row) {
@@ -588,6 +589,31 @@ impl ServerConn {
             read.push((name, value));
         }
         Ok(read)
+    }
+
+    /// Session mode: every parameter the session changed on this server (`SET`, a startup
+    /// value pgswitch set, `set_config(…)`), its role, and the current value of each of
+    /// `names`, so the session can be moved to another server with all of them. One round trip.
+    pub async fn read_session_params(
+        &mut self,
+        names: &[String],
+    ) -> Result<Vec<(String, String)>, ServerError> {
+        let mut listed: Vec<String> = names.iter().map(|n| quote_literal(n)).collect();
+        listed.push(quote_literal("role"));
+        let sql = format!(
+            "SELECT n, pg_catalog.current_setting(n, true) FROM pg_catalog.unnest(ARRAY[{}]) AS n \
+             UNION SELECT name, pg_catalog.current_setting(name) FROM pg_catalog.pg_settings \
+             WHERE source = 'session'",
+            listed.join(", ")
+        );
+        let rows = self.query_rows(&sql).await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|row| {
+                let mut values = row.into_iter();
+                Some((values.next()??, values.next()??))
+            })
+            .collect())
     }
 
     /// The server reported a new value: the connection no longer provably matches any set.

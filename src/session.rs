@@ -312,6 +312,46 @@ impl Session {
         self.relay.shrink_idle_buffers();
     }
 
+    /// Session mode: the client's transaction changed session parameters. They are read back
+    /// from its server, so that should the server go away (failover), the session moves to the
+    /// new one with them, like its startup parameters and prepared statements.
+    async fn read_back_in_place(&mut self) -> Flow {
+        self.relay.relearn = false;
+        let Some(s) = &mut self.server else {
+            return Flow::Continue;
+        };
+        self.relay.return_buffers(&mut s.conn);
+        let names: Vec<String> = self
+            .relay
+            .wanted
+            .values()
+            .iter()
+            .map(|(n, _)| n.clone())
+            .collect();
+        let read =
+            tokio::time::timeout(Duration::from_secs(10), s.conn.read_session_params(&names)).await;
+        self.relay.lend_buffers(&mut s.conn);
+        match read {
+            Ok(Ok(values)) => {
+                self.relay.learned(&values, true);
+                Flow::Continue
+            }
+            // An error of its own (a cancel came in): the server is fine, the values stay.
+            Ok(Err(e @ crate::backend::ServerError::Postgres { .. })) => {
+                debug!(client = self.id, error = %e, "reading session parameters back failed");
+                Flow::Continue
+            }
+            Ok(Err(e)) => self.server_gone(io::Error::other(e.to_string())).await,
+            Err(_) => {
+                self.server_gone(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "reading session parameters back timed out",
+                ))
+                .await
+            }
+        }
+    }
+
     /// Transaction mode: the server finished a transaction that changed parameters it does
     /// not report (`SET search_path` on PostgreSQL 15, `RESET ALL`, `set_config(…)`). Their
     /// values are read back before the server goes to the next client, so the client keeps
@@ -332,7 +372,7 @@ impl Session {
         };
         match tokio::time::timeout(Duration::from_secs(10), read).await {
             Ok(Ok(values)) => {
-                self.relay.learned(&values);
+                self.relay.learned(&values, false);
                 s.release();
             }
             Ok(Err(e)) => {
@@ -348,6 +388,9 @@ impl Session {
     async fn on_event(&mut self, end: RelayEvent) -> Flow {
         let id = self.id;
         match end {
+            RelayEvent::ServerIdle if self.relay.mode == PoolMode::Session => {
+                self.read_back_in_place().await
+            }
             RelayEvent::ServerIdle => {
                 self.relearn_and_release().await;
                 Flow::Continue
@@ -692,6 +735,11 @@ struct Streaming {
     discard: bool,
 }
 
+/// Names of statements that may change session parameters, made on first use. Boxed: 8 bytes
+/// in every client's state instead of an empty set's 48.
+#[allow(clippy::box_collection)]
+type ParamStatements = Option<Box<std::collections::HashSet<Vec<u8>>>>;
+
 /// The state of one client↔server relay.
 struct Relay {
     mode: PoolMode,
@@ -736,9 +784,8 @@ struct Relay {
     /// back before the server goes to another client.
     relearn: bool,
     /// Named statements whose text may change such parameters (a prepared `SET
-    /// search_path`): a Bind of one sets `relearn`. Made on first use.
-    #[allow(clippy::box_collection)]
-    param_statements: Option<Box<std::collections::HashSet<Vec<u8>>>>,
+    /// search_path`): a Bind of one sets `relearn`.
+    param_statements: ParamStatements,
     tracked: Arc<[String]>,
     max_message: usize,
     cache_size: usize,
@@ -994,6 +1041,11 @@ impl Relay {
                     break;
                 }
                 let msg = self.client_in.split_to(5 + body).freeze();
+                if tag == b'P' && body < 4096 {
+                    let changes = |query: &[u8]| changes_params(query, false);
+                    self.relearn |=
+                        note_param_statement(&mut self.param_statements, &msg[5..], changes);
+                }
                 self.remember_statement(&msg);
                 self.to_server.extend_from_slice(&msg);
                 progress = true;
@@ -1038,19 +1090,11 @@ impl Relay {
                 }
                 let msg = &self.client_in[..5 + body];
                 if tag == b'P' && body < 4096 {
-                    if let Some(query) = prepared::parse_query(&msg[5..]) {
-                        if note_hazards(query, false, &self.tracked, &self.wanted, conn) {
-                            self.relearn = true;
-                            // Each transaction that runs it reads the parameters back too.
-                            if let Some(p) = prepared::parse_parse(&msg[5..]) {
-                                if !p.name.is_empty() {
-                                    self.param_statements
-                                        .get_or_insert_with(Default::default)
-                                        .insert(p.name.to_vec());
-                                }
-                            }
-                        }
-                    }
+                    let changes = |query: &[u8]| {
+                        note_hazards(query, false, &self.tracked, &self.wanted, conn)
+                    };
+                    self.relearn |=
+                        note_param_statement(&mut self.param_statements, &msg[5..], changes);
                 }
                 if prepared::rewrite_client_message(
                     msg,
@@ -1075,17 +1119,14 @@ impl Relay {
                 continue;
             }
             if tag == b'Q' && body < 4096 && self.client_in.len() >= 5 + body {
-                self.commit_in_flight |= is_commit(&self.client_in[5..5 + body]);
-            }
-            if self.rewrites() && tag == b'Q' && body < 4096 && self.client_in.len() >= 5 + body {
+                let query = &self.client_in[5..5 + body];
+                self.commit_in_flight |= is_commit(query);
                 // A simple query may hold several statements.
-                self.relearn |= note_hazards(
-                    &self.client_in[5..5 + body],
-                    true,
-                    &self.tracked,
-                    &self.wanted,
-                    conn,
-                );
+                self.relearn |= if self.rewrites() {
+                    note_hazards(query, true, &self.tracked, &self.wanted, conn)
+                } else {
+                    changes_params(query, true)
+                };
             }
             if self.rewrites() && prepared::is_tracked_request(tag) {
                 self.tracker.push(Pending::Reply {
@@ -1375,10 +1416,11 @@ impl Relay {
     }
 
     /// Values read back from the server after the client's transaction: those the client
-    /// keeps are its values from now on.
-    fn learned(&mut self, values: &[(String, String)]) {
+    /// keeps (`all` of them in session mode) are its values from now on.
+    fn learned(&mut self, values: &[(String, String)], all: bool) {
         for (name, value) in values {
-            if self.keeps(name.as_bytes()) && self.wanted.get(name) != Some(value.as_str()) {
+            if (all || self.keeps(name.as_bytes())) && self.wanted.get(name) != Some(value.as_str())
+            {
                 self.wanted = Arc::new(self.wanted.with(name, value));
             }
         }
@@ -1563,7 +1605,7 @@ impl Relay {
                     )))
                 }
             }
-            if self.mode == PoolMode::Transaction
+            if (self.mode == PoolMode::Transaction || self.relearn)
                 && self.answered
                 && self.server_status == b'I'
                 && self.server_is_quiet()
@@ -1643,6 +1685,35 @@ fn fatal_code(body: &[u8]) -> Option<String> {
     } else {
         None
     }
+}
+
+/// Looks at the text of a Parse (`body`): true when `changes` says it may change parameters
+/// that must be read back; a named statement that does is remembered in `named`, so that each
+/// Bind of it reads them back too.
+fn note_param_statement(
+    named: &mut ParamStatements,
+    body: &[u8],
+    changes: impl FnOnce(&[u8]) -> bool,
+) -> bool {
+    let Some(p) = prepared::parse_parse(body) else {
+        return false;
+    };
+    if !changes(p.query) {
+        return false;
+    }
+    if !p.name.is_empty() {
+        named
+            .get_or_insert_with(Default::default)
+            .insert(p.name.to_vec());
+    }
+    true
+}
+
+/// Session mode: whether a query (`several` statements) or the text of a Parse may change
+/// session parameters (`SET`, `RESET`, `DISCARD ALL`, `set_config(…)`): the session's values
+/// are then read back when its transaction ends, to go with it to a new primary.
+fn changes_params(query: &[u8], several: bool) -> bool {
+    session_state_hazards(query, several, |_| ParamKind::ReadBack, |_| {})
 }
 
 /// `name` is one of the tracked parameters, in any ASCII case.

@@ -2185,8 +2185,8 @@ async fn an_old_primary_without_a_rejoin_hook_is_fenced_and_a_restarted_pgswitch
 // ---------------------------------------------------------------------------------------------
 
 /// Issue 4, "The switch": in session mode, clients not in a transaction are re-attached to the
-/// new primary with their startup parameters and prepared statements restored (only clients in
-/// a transaction get 08006 and are closed).
+/// new primary with their startup parameters, the parameters they set since, and their prepared
+/// statements restored (only clients in a transaction get 08006 and are closed).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn session_mode_idle_clients_are_reattached_to_the_new_primary() {
     bounded("test", TEST_LIMIT, async {
@@ -2213,6 +2213,25 @@ async fn session_mode_idle_clients_are_reattached_to_the_new_primary() {
         });
         let stmt = client.prepare("SELECT $1::int").await.expect("prepare");
         client.query_one(&stmt, &[&1i32]).await.expect("run");
+        // Session state set after login, in each of the ways clients set it.
+        client
+            .batch_execute("SET search_path = idle_schema, public; SET statement_timeout = '7s'")
+            .await
+            .expect("SET");
+        client
+            .query_one("SELECT set_config('work_mem', $1, false)", &[&"12MB"])
+            .await
+            .expect("set_config");
+        client
+            .execute("SET SESSION lock_timeout = 3000", &[])
+            .await
+            .expect("SET through Parse/Bind/Execute");
+        let set_after_login = [
+            ("search_path", "idle_schema, public"),
+            ("statement_timeout", "7s"),
+            ("work_mem", "12MB"),
+            ("lock_timeout", "3s"),
+        ];
 
         let n0 = env.cluster.nodes[0].clone();
         blocking("kill n0", move || n0.kill9()).await;
@@ -2228,18 +2247,24 @@ async fn session_mode_idle_clients_are_reattached_to_the_new_primary() {
         if client.is_closed() {
             problems.push("the idle session-mode client's connection was closed".to_string());
         } else {
-            match tokio::time::timeout(STEP, client.simple_query("SHOW application_name")).await {
-                Ok(Ok(msgs)) => {
-                    let value = msgs.iter().find_map(|m| match m {
-                        SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
-                        _ => None,
-                    });
-                    if value.as_deref() != Some("idle-session") {
-                        problems.push(format!("application_name after the failover: {value:?}"));
+            for (name, want) in [("application_name", "idle-session")]
+                .into_iter()
+                .chain(set_after_login)
+            {
+                let show = format!("SHOW {name}");
+                match tokio::time::timeout(STEP, client.simple_query(&show)).await {
+                    Ok(Ok(msgs)) => {
+                        let value = msgs.iter().find_map(|m| match m {
+                            SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+                            _ => None,
+                        });
+                        if value.as_deref() != Some(want) {
+                            problems.push(format!("{name} after the failover: {value:?}"));
+                        }
                     }
+                    Ok(Err(e)) => problems.push(format!("{show}: {:?}", describe(&e))),
+                    Err(_) => problems.push(format!("{show}: no answer")),
                 }
-                Ok(Err(e)) => problems.push(format!("SHOW application_name: {:?}", describe(&e))),
-                Err(_) => problems.push("SHOW application_name: no answer".into()),
             }
             match tokio::time::timeout(STEP, client.query_one(&stmt, &[&5i32])).await {
                 Ok(Ok(row)) if row.get::<_, i32>(0) == 5 => {}
