@@ -1695,16 +1695,17 @@ fn note_param_statement(
     body: &[u8],
     changes: impl FnOnce(&[u8]) -> bool,
 ) -> bool {
-    let Some(p) = prepared::parse_parse(body) else {
+    let Some(query) = prepared::parse_query(body) else {
         return false;
     };
-    if !changes(p.query) {
+    if !changes(query) {
         return false;
     }
-    if !p.name.is_empty() {
+    let name = body.split(|&b| b == 0).next().unwrap_or_default();
+    if !name.is_empty() {
         named
             .get_or_insert_with(Default::default)
-            .insert(p.name.to_vec());
+            .insert(name.to_vec());
     }
     true
 }
@@ -1833,25 +1834,27 @@ fn ends_with_word(text: &[u8], suffix: &[u8]) -> bool {
 /// What a statement (leading space removed) does by what it starts with: the hazard it
 /// creates, and whether it may change a parameter that must be read back.
 fn statement_effect(text: &[u8], kind: impl Fn(&[u8]) -> ParamKind) -> (Option<Hazard>, bool) {
-    if starts_with_word(text, b"prepare ") {
-        (Some(Hazard::Prepare), false)
-    } else if starts_with_word(text, b"listen ") {
-        (Some(Hazard::Listen), false)
-    } else if starts_with_word(text, b"create temp") {
-        (Some(Hazard::TempTable), false)
-    } else if let Some(name) = set_target(text) {
-        match kind(name) {
-            ParamKind::Reported => (None, false),
-            ParamKind::ReadBack => (None, true),
-            ParamKind::Applied => (Some(Hazard::Set), true),
-            ParamKind::Lost => (Some(Hazard::Set), false),
-        }
-    } else if let Some(name) = reset_target(text) {
-        let all = name.eq_ignore_ascii_case(b"all");
-        let read = all || matches!(kind(name), ParamKind::ReadBack | ParamKind::Applied);
-        (None, read)
-    } else {
-        (None, starts_with_word(text, b"discard all"))
+    // Nearly every statement starts with none of these: one comparison of the first letter.
+    match text.first().map(u8::to_ascii_lowercase) {
+        Some(b'p') if starts_with_word(text, b"prepare ") => (Some(Hazard::Prepare), false),
+        Some(b'l') if starts_with_word(text, b"listen ") => (Some(Hazard::Listen), false),
+        Some(b'c') if starts_with_word(text, b"create temp") => (Some(Hazard::TempTable), false),
+        Some(b's') => match set_target(text).map(kind) {
+            Some(ParamKind::Reported) | None => (None, false),
+            Some(ParamKind::ReadBack) => (None, true),
+            Some(ParamKind::Applied) => (Some(Hazard::Set), true),
+            Some(ParamKind::Lost) => (Some(Hazard::Set), false),
+        },
+        Some(b'r') => match reset_target(text) {
+            Some(name) => {
+                let all = name.eq_ignore_ascii_case(b"all");
+                let read = all || matches!(kind(name), ParamKind::ReadBack | ParamKind::Applied);
+                (None, read)
+            }
+            None => (None, false),
+        },
+        Some(b'd') => (None, starts_with_word(text, b"discard all")),
+        _ => (None, false),
     }
 }
 
