@@ -107,7 +107,8 @@ pub struct Config {
     #[serde(default = "defaults::prepared_statement_cache_size")]
     pub prepared_statement_cache_size: usize,
     /// Transaction mode: session parameters, beyond the built-in list, whose value each client
-    /// keeps across server connections (the server must report them with ParameterStatus).
+    /// keeps across server connections (followed from the server's ParameterStatus when it
+    /// reports them, otherwise read back after a transaction that sets them).
     #[serde(default)]
     pub track_extra_params: Vec<String>,
     /// Bearer token required by the admin API's changing endpoints (POST); empty = none.

@@ -735,6 +735,11 @@ struct Streaming {
     discard: bool,
 }
 
+/// Queries (and Parse texts) up to this size are looked at for session state (hazards, and
+/// parameters to read back) when they are whole in the buffer: one vectorised scan, a few
+/// instructions per kilobyte. Bigger ones stream through unread.
+const STATEMENT_CHECK_MAX: usize = 64 * 1024;
+
 /// Names of statements that may change session parameters, made on first use. Boxed: 8 bytes
 /// in every client's state instead of an empty set's 48.
 #[allow(clippy::box_collection)]
@@ -1041,7 +1046,7 @@ impl Relay {
                     break;
                 }
                 let msg = self.client_in.split_to(5 + body).freeze();
-                if tag == b'P' && body < 4096 {
+                if tag == b'P' && body < STATEMENT_CHECK_MAX {
                     let changes = |query: &[u8]| changes_params(query, false);
                     self.relearn |=
                         note_param_statement(&mut self.param_statements, &msg[5..], changes);
@@ -1089,7 +1094,7 @@ impl Relay {
                     break;
                 }
                 let msg = &self.client_in[..5 + body];
-                if tag == b'P' && body < 4096 {
+                if tag == b'P' && body < STATEMENT_CHECK_MAX {
                     let changes = |query: &[u8]| {
                         note_hazards(query, false, &self.tracked, &self.wanted, conn)
                     };
@@ -1118,7 +1123,7 @@ impl Relay {
                 progress = true;
                 continue;
             }
-            if tag == b'Q' && body < 4096 && self.client_in.len() >= 5 + body {
+            if tag == b'Q' && body < STATEMENT_CHECK_MAX && self.client_in.len() >= 5 + body {
                 let query = &self.client_in[5..5 + body];
                 self.commit_in_flight |= is_commit(query);
                 // A simple query may hold several statements.
