@@ -258,7 +258,9 @@ impl Pool {
     ) -> Result<PooledServer, PoolError> {
         let started = crate::clock::now_micros();
         // Until `acquire` returns, or the client gives up and this future is dropped.
-        let _waiting = metrics::Counted::new(&self.counters.waiting);
+        // It stops waiting where its connection is counted active (under the idle lock), so
+        // `status` never sees the client in both.
+        let mut waiting = Some(metrics::Counted::new(&self.counters.waiting));
         // Fast path without a timer when a slot is free.
         let permit = match self.permits.clone().try_acquire_owned() {
             Ok(permit) => Ok(Ok(permit)),
@@ -284,25 +286,31 @@ impl Pool {
             let topology = cluster.topology.borrow();
             topology
                 .primary_name()
-                .and_then(|primary| self.take_idle(primary, topology.epoch))
+                .and_then(|primary| self.take_idle(primary, topology.epoch, &mut waiting))
         };
         if let Some(conn) = idle {
             self.metrics.pool_wait(waited(started));
             return Ok(self.checked_out(conn, permit));
         }
-        Box::pin(self.open_or_hold(cluster, permit, started, hold)).await
+        Box::pin(self.open_or_hold(cluster, permit, started, hold, &mut waiting)).await
     }
 
     /// An idle connection to `primary` from `epoch` on, if there is one; stale ones found on
-    /// the way are closed. The one taken is counted active under the idle lock, so `status`
-    /// sees it in exactly one of the two.
-    fn take_idle(&self, primary: &str, epoch: u64) -> Option<Box<ServerConn>> {
+    /// the way are closed. The one taken is counted active, and the client it is for no longer
+    /// waiting, under the idle lock, so `status` sees each in exactly one state.
+    fn take_idle(
+        &self,
+        primary: &str,
+        epoch: u64,
+        waiting: &mut Option<metrics::Counted<'_>>,
+    ) -> Option<Box<ServerConn>> {
         loop {
             let conn = {
                 let mut idle = self.lock_idle();
                 let mut conn = idle.pop()?;
                 if usable(&mut conn, primary, epoch) {
                     self.counters.active.fetch_add(1, Ordering::Relaxed);
+                    drop(waiting.take());
                     return Some(conn);
                 }
                 conn
@@ -335,6 +343,7 @@ impl Pool {
         permit: OwnedSemaphorePermit,
         started: u64,
         hold: Duration,
+        waiting: &mut Option<metrics::Counted<'_>>,
     ) -> Result<PooledServer, PoolError> {
         let hold_until = Instant::now() + hold;
         loop {
@@ -343,7 +352,7 @@ impl Pool {
                 metrics::pool_acquire_failed(&self.key.to_string(), AcquireFailure::NoPrimary);
                 return Err(PoolError::NoPrimary(hold.as_millis()));
             };
-            if let Some(conn) = self.take_idle(&target.node, epoch) {
+            if let Some(conn) = self.take_idle(&target.node, epoch, waiting) {
                 self.metrics.pool_wait(waited(started));
                 return Ok(self.checked_out(conn, permit));
             }
@@ -355,7 +364,11 @@ impl Pool {
                     debug!(server = conn.id, node = %target.node, pool = %self.key, "server connection opened");
                     metrics::server_connection_opened(&target.node);
                     self.metrics.pool_wait(waited(started));
-                    self.counters.active.fetch_add(1, Ordering::Relaxed);
+                    {
+                        let _idle = self.lock_idle();
+                        self.counters.active.fetch_add(1, Ordering::Relaxed);
+                        drop(waiting.take());
+                    }
                     return Ok(self.checked_out(conn, permit));
                 }
                 // A server shutting down or starting up (57P0x) is a failing primary, not the
