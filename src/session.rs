@@ -1195,6 +1195,12 @@ impl Relay {
                 if !done {
                     return false;
                 }
+                if tag == b'P' && body < STATEMENT_CHECK_MAX {
+                    // Nothing runs yet, but each Bind of a statement that may change
+                    // parameters must read them back, as for a Parse sent to a server.
+                    let changes = |query: &[u8]| changes_params(query, false);
+                    note_param_statement(&mut self.param_statements, &msg[5..], changes);
+                }
                 self.client_in.advance(5 + body);
                 self.to_client.extend_from_slice(&[
                     if tag == b'P' { b'1' } else { b'3' },

@@ -144,3 +144,62 @@ def test_megabyte_parameters_and_queries_from_both_drivers():
         t.join(120)
     assert not any(t.is_alive() for t in threads), "a psycopg client hangs"
     assert not errors, "\n".join(errors[:10])
+
+
+def test_search_path_follows_each_client_of_both_drivers():
+    """Half the clients set their own search_path after connecting (psycopg: SET, and
+    set_config() with a parameter; asyncpg: SET); the other half set nothing. Over the shared
+    servers, each client always sees its own value, through prepared statements too, and the
+    others the server default: PostgreSQL 15 does not report search_path, so pgswitch reads it
+    back after the transaction that set it and resets it for clients that did not."""
+    default = '"$user", public'
+    errors = []
+
+    def psycopg_client(c: int) -> None:
+        try:
+            with psycopg.connect(DSN, autocommit=True, prepare_threshold=0) as conn:
+                want = default
+                if c % 2 == 0:
+                    want = f"psy_{c}, public"
+                    if c % 4 == 0:
+                        conn.execute(f"SET search_path = psy_{c}, public")
+                    else:
+                        conn.execute("SELECT set_config('search_path', %s, false)", (want,))
+                for n in range(ROUNDS):
+                    got = conn.execute(
+                        "SELECT current_setting('search_path'), %s::int", (n,)
+                    ).fetchone()
+                    assert got == (want, n), f"round {n}: {got}"
+        except Exception as e:  # collected and reported below
+            errors.append(f"psycopg client {c}: {type(e).__name__}: {e}")
+
+    threads = [threading.Thread(target=psycopg_client, args=(c,)) for c in range(CLIENTS // 2)]
+    for t in threads:
+        t.start()
+
+    async def asyncpg_clients() -> None:
+        async def client(c: int) -> None:
+            conn = await asyncpg.connect(_url(DSN))
+            try:
+                want = default
+                if c % 2 == 0:
+                    want = f"apg_{c}, public"
+                    await conn.execute(f"SET search_path = apg_{c}, public")
+                show = await conn.prepare("SELECT current_setting('search_path'), $1::int")
+                for n in range(ROUNDS):
+                    got = tuple(await show.fetchrow(n))
+                    assert got == (want, n), f"round {n}: {got}"
+            finally:
+                await conn.close()
+
+        results = await asyncio.gather(
+            *(client(c) for c in range(CLIENTS // 2)), return_exceptions=True
+        )
+        errors.extend(
+            f"asyncpg client {c}: {r!r}" for c, r in enumerate(results) if isinstance(r, BaseException)
+        )
+
+    asyncio.run(asyncio.wait_for(asyncpg_clients(), 180))
+    for t in threads:
+        t.join(120)
+    assert not errors, "\n".join(errors[:10])
