@@ -1015,6 +1015,12 @@ impl Relay {
                 }
                 break;
             };
+            if tag == b'Q' && body < STATEMENT_CHECK_MAX && self.client_in.len() < 5 + body {
+                // A query small enough to be looked at (session state, COMMIT) is read whole
+                // before any of it goes on, also when the socket gave it in pieces.
+                self.wait_for_whole(5 + body);
+                break;
+            }
             self.local_batch = false;
             if matches!(tag, b'Q' | b'F' | b'S') && self.awaiting_ready == 0 {
                 let now = clock::now_micros();

@@ -1003,3 +1003,43 @@ async fn slot_is_free(env: &TestEnv, after: &str) {
     drop(client);
     let _ = within("next client closes", STEP, task).await;
 }
+
+/// Transaction mode over one server connection: a `SET search_path` whose bytes arrive in
+/// pieces, with pauses between them, is still seen (pgswitch reads a small query whole before
+/// forwarding it), so the value follows that client and does not reach the next one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_set_that_arrives_in_pieces_still_follows_its_client() {
+    let env = env(|c| {
+        c.auth_type = "trust".into();
+        c.pool_mode = PoolMode::Transaction;
+        c.default_pool_size = 1;
+    })
+    .await;
+    let mut raw = Raw::connect(env.port()).await;
+    raw.send(&startup_packet(
+        PROTOCOL_3_0,
+        &[("user", USER), ("database", "postgres")],
+    ))
+    .await;
+    raw.until_ready("login").await;
+    let set = query("SET search_path = in_pieces, public");
+    for piece in set.chunks(7) {
+        raw.send(piece).await;
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    raw.until_ready("SET in pieces").await;
+    let other = env.connect().await;
+    assert_eq!(
+        simple_value(&other, "SHOW search_path").await,
+        "\"$user\", public",
+        "another client of the one server got the pieced SET"
+    );
+    raw.send(&query("SHOW search_path")).await;
+    let (_, seen) = raw.until_ready("SHOW search_path").await;
+    assert!(
+        seen.iter()
+            .any(|(t, b)| *t == b'D' && b.ends_with(b"in_pieces, public")),
+        "{seen:?}"
+    );
+    panic_watch::assert_no_proxy_panics();
+}
