@@ -520,7 +520,7 @@ impl ServerConn {
             self.applied.remove(name);
         }
         for (name, value) in wanted.values() {
-            if !self.params.keys().any(|k| k.eq_ignore_ascii_case(name)) {
+            if !self.reports(name.as_bytes()) {
                 self.applied.insert(name.clone(), value.clone());
             }
         }
@@ -557,7 +557,7 @@ impl ServerConn {
     ) -> Result<Vec<(String, String)>, ServerError> {
         let mut asked: Vec<String> = names
             .iter()
-            .filter(|n| !self.params.keys().any(|k| k.eq_ignore_ascii_case(n)))
+            .filter(|n| !self.reports(n.as_bytes()))
             .cloned()
             .collect();
         for name in self.applied.keys() {
@@ -614,6 +614,20 @@ impl ServerConn {
                 Some((values.next()??, values.next()??))
             })
             .collect())
+    }
+
+    /// The server reports changes of parameter `name` (any ASCII case) with ParameterStatus.
+    pub fn reports(&self, name: &[u8]) -> bool {
+        self.params
+            .keys()
+            .any(|k| k.as_bytes().eq_ignore_ascii_case(name))
+    }
+
+    /// pgswitch set parameter `name` (any ASCII case) on this connection, for some client.
+    pub fn has_applied(&self, name: &[u8]) -> bool {
+        self.applied
+            .keys()
+            .any(|k| k.as_bytes().eq_ignore_ascii_case(name))
     }
 
     /// The server reported a new value: the connection no longer provably matches any set.

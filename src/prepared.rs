@@ -362,12 +362,13 @@ pub struct ParseBody<'a> {
     pub param_types: &'a [u8],
 }
 
-/// The query text of a Parse message body. Statement names are short (or empty) and found
-/// byte by byte; the query, often tens of bytes and more, with one vectorised scan.
-pub fn parse_query(body: &[u8]) -> Option<&[u8]> {
-    let (_, rest) = cstr(body)?;
+/// The statement name and query text of a Parse message body. Statement names are short (or
+/// empty) and found byte by byte; the query, often tens of bytes and more, with one vectorised
+/// scan.
+pub fn parse_name_and_query(body: &[u8]) -> Option<(&[u8], &[u8])> {
+    let (name, rest) = cstr(body)?;
     let end = memchr::memchr(0, rest)?;
-    Some(&rest[..end])
+    Some((name, &rest[..end]))
 }
 
 pub fn parse_parse(body: &[u8]) -> Option<ParseBody<'_>> {

@@ -1418,7 +1418,7 @@ impl Relay {
     /// The client keeps this parameter across servers: it is tracked, or the client gave it
     /// at startup.
     fn keeps(&self, name: &[u8]) -> bool {
-        is_tracked(&self.tracked, name) || self.wanted.has(name)
+        keeps(&self.tracked, &self.wanted, name)
     }
 
     /// The names of the parameters this client keeps (the tracked ones and its own).
@@ -1712,13 +1712,12 @@ fn note_param_statement(
     body: &[u8],
     changes: impl FnOnce(&[u8]) -> bool,
 ) -> bool {
-    let Some(query) = prepared::parse_query(body) else {
+    let Some((name, query)) = prepared::parse_name_and_query(body) else {
         return false;
     };
     if !changes(query) {
         return false;
     }
-    let name = body.split(|&b| b == 0).next().unwrap_or_default();
     if !name.is_empty() {
         named
             .get_or_insert_with(Default::default)
@@ -1732,6 +1731,12 @@ fn note_param_statement(
 /// are then read back when its transaction ends, to go with it to a new primary.
 fn changes_params(query: &[u8], several: bool) -> bool {
     session_state_hazards(query, several, |_| ParamKind::ReadBack, |_| {})
+}
+
+/// A client keeps parameter `name` across servers: it is tracked, or the client gave it at
+/// startup (or pgswitch has learned its value since).
+fn keeps(tracked: &[String], wanted: &ParamSet, name: &[u8]) -> bool {
+    is_tracked(tracked, name) || wanted.has(name)
 }
 
 /// `name` is one of the tracked parameters, in any ASCII case.
@@ -1752,17 +1757,11 @@ fn note_hazards(
     wanted: &ParamSet,
     conn: &ServerConn,
 ) -> bool {
-    let has = |map: &std::collections::BTreeMap<String, String>, name: &[u8]| {
-        map.keys().any(|k| k.as_bytes().eq_ignore_ascii_case(name))
-    };
-    let kind = |name: &[u8]| {
-        let kept = is_tracked(tracked, name) || wanted.has(name);
-        match (kept, has(&conn.params, name)) {
-            (true, true) => ParamKind::Reported,
-            (true, false) => ParamKind::ReadBack,
-            (false, _) if has(&conn.applied, name) => ParamKind::Applied,
-            (false, _) => ParamKind::Lost,
-        }
+    let kind = |name: &[u8]| match (keeps(tracked, wanted, name), conn.reports(name)) {
+        (true, true) => ParamKind::Reported,
+        (true, false) => ParamKind::ReadBack,
+        (false, _) if conn.has_applied(name) => ParamKind::Applied,
+        (false, _) => ParamKind::Lost,
     };
     session_state_hazards(query, several, kind, |hazard| {
         debug!(
