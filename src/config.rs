@@ -157,7 +157,8 @@ pub struct NodeConfig {
     pub name: String,
     pub host: String,
     pub port: u16,
-    /// Data directory of this node, passed to `failover.rejoin_command` as `{data_dir}`.
+    /// Data directory of this node, passed to `failover.rejoin_command` as `{old_data_dir}` or
+    /// `{new_data_dir}`.
     #[serde(default)]
     pub data_dir: Option<String>,
 }

@@ -75,7 +75,7 @@ impl Live {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReloadError {
-    #[error(transparent)]
+    #[error("tls: {0}")]
     Tls(#[from] crate::stream::TlsError),
     #[error("users: {0}")]
     Auth(#[from] AuthError),
@@ -96,6 +96,8 @@ pub struct Proxy {
     next_client_id: AtomicU64,
     /// PgBouncer's PAUSE: while true, no new transaction gets a server (bounded by hold_ms).
     paused: watch::Sender<bool>,
+    /// Shutdown's grace period is over: a session that ends now tells its client why.
+    closing: std::sync::atomic::AtomicBool,
 }
 
 impl Proxy {
@@ -118,7 +120,18 @@ impl Proxy {
             max_clients,
             next_client_id: AtomicU64::new(1),
             paused: watch::Sender::new(false),
+            closing: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Shutdown's grace period is over: sessions ended from now on send their client FATAL
+    /// 57P01 as they close (see `Session`'s `Drop`).
+    pub fn close_sessions(&self) {
+        self.closing.store(true, Ordering::Relaxed);
+    }
+
+    pub fn closing(&self) -> bool {
+        self.closing.load(Ordering::Relaxed)
     }
 
     /// The configuration in force now (a reload replaces it).

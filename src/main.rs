@@ -72,10 +72,18 @@ fn init_logging() {
         .init();
 }
 
+/// `check-config`: the config parses and validates, and what `run` loads before it listens
+/// (TLS files, users' secrets, the coordination mode) loads too.
+fn check_config(path: &std::path::Path) -> Result<std::sync::Arc<Config>, String> {
+    let config = std::sync::Arc::new(Config::load(path).map_err(|e| e.to_string())?);
+    pgswitch::server::preflight(config.clone()).map_err(|e| format!("{e:#}"))?;
+    Ok(config)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::CheckConfig { config } => match Config::load(&config) {
+        Command::CheckConfig { config } => match check_config(&config) {
             Ok(c) => {
                 print!("{}", c.to_effective_toml());
                 eprintln!("{}: OK", config.display());

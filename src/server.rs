@@ -32,19 +32,31 @@ pub struct Running {
     tasks: Vec<JoinHandle<()>>,
 }
 
+/// What `start` needs besides a config that parses: the TLS files load, the users' secrets
+/// parse, the coordination mode is one this build runs, the addresses parse. `check-config` runs
+/// it too, so a config it passes is one `run` starts with (ports taken by others aside).
+pub fn preflight(config: Arc<Config>) -> anyhow::Result<Live> {
+    if config.coordination.mode == CoordinationMode::Etcd {
+        anyhow::bail!(
+            "coordination.mode: \"etcd\" is not available in this build; use \"standalone\""
+        );
+    }
+    config.listen_addr()?;
+    config.admin_addr()?;
+    Live::new(config).map_err(|e| anyhow::anyhow!("{e}"))
+}
+
 /// Starts every part of pgswitch and returns once the client port is listening.
 pub async fn start(config: Config) -> anyhow::Result<Running> {
     // First, so that nothing the data path records is lost.
     metrics::install();
     let config = Arc::new(config);
-    let live = Live::new(config.clone()).context("config")?;
+    let live = preflight(config.clone())?;
     let fences = Arc::new(Fences::default());
     let pools = Arc::new(Pools::default());
     let coord: Arc<dyn Coordinator> = match config.coordination.mode {
         CoordinationMode::Standalone => Arc::new(StateFile::new(&config.coordination.state_file)),
-        CoordinationMode::Etcd => {
-            anyhow::bail!("coordination.mode = \"etcd\" is not available in this build")
-        }
+        CoordinationMode::Etcd => anyhow::bail!("coordination.mode: \"etcd\" is not available"),
     };
     let (config_tx, config_rx) = watch::channel(config.clone());
     let (mut controller, cluster, switchover) =
@@ -132,6 +144,9 @@ impl Running {
                 "shutdown timeout reached; closing remaining sessions"
             );
         }
+        // The sessions end when the runtime drops their tasks (the process exits after this);
+        // each tells its client 57P01 as it goes.
+        self.proxy.close_sessions();
         for task in self.tasks {
             task.abort();
         }

@@ -91,6 +91,18 @@ struct Session {
     _slot: OwnedSemaphorePermit,
 }
 
+impl Drop for Session {
+    fn drop(&mut self) {
+        // Shutdown's grace period ended with this client still here: say why before the socket
+        // closes, as PostgreSQL does at a fast shutdown.
+        if self.proxy.closing() {
+            let mut buf = BytesMut::new();
+            ClientError::shutting_down().encode(&mut buf);
+            self.stream.send_last(&buf);
+        }
+    }
+}
+
 impl ClientSession {
     /// Gets a logged-in client its first server and its greeting; `None` if the client got
     /// an error instead, or left.

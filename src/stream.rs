@@ -50,6 +50,38 @@ impl Stream {
     }
 }
 
+impl Stream {
+    /// Best effort, without waiting: hands `bytes` (a client's last message) to the kernel as the
+    /// stream is about to be closed outside any task (TLS: with its close_notify). Whatever does
+    /// not fit in the socket's send buffer right now is dropped.
+    pub fn send_last(&mut self, bytes: &[u8]) {
+        use std::io::Write as _;
+        match self {
+            Stream::Plain(s) => {
+                let _ = socket2::SockRef::from(&*s).send(bytes);
+            }
+            Stream::Local(s) => {
+                let _ = socket2::SockRef::from(&*s).send(bytes);
+            }
+            Stream::Accepted(s) => {
+                let (tcp, tls) = s.get_mut();
+                if tls.writer().write_all(bytes).is_err() {
+                    return;
+                }
+                tls.send_close_notify();
+                let sock = socket2::SockRef::from(&*tcp);
+                let mut out: &socket2::Socket = &sock;
+                while tls.wants_write() {
+                    if !matches!(tls.write_tls(&mut out), Ok(n) if n > 0) {
+                        break;
+                    }
+                }
+            }
+            Stream::Connected(_) => {}
+        }
+    }
+}
+
 impl std::os::fd::AsFd for Stream {
     fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
         match self {

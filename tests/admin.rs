@@ -882,3 +882,105 @@ async fn session_state_hazards_are_counted_from_simple_queries_and_parses() {
     );
     panic_watch::assert_no_proxy_panics();
 }
+
+/// `pgswitch run` (the binary), killed by its PID when dropped.
+struct RunningBinary {
+    child: Child,
+}
+
+impl Drop for RunningBinary {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_waits_for_clients_then_tells_those_left_57p01() {
+    common::init_logging();
+    let cluster = tokio::task::spawn_blocking(|| {
+        pgswitch::harness::PgCluster::start(&ClusterSpec {
+            standbys: 0,
+            ..ClusterSpec::default()
+        })
+    })
+    .await
+    .expect("cluster task")
+    .unwrap_or_else(|e| panic!("cannot start the PostgreSQL cluster: {e:#}"));
+    let port = pgswitch::harness::free_port().expect("free port");
+    let admin = pgswitch::harness::free_port().expect("free port");
+    let text = format!(
+        "shutdown_timeout_ms = 1500\n{}",
+        pgswitch::demo::demo_config(&cluster, port, admin)
+            .replace("pool_mode = \"session\"", "pool_mode = \"transaction\"")
+    );
+    let path = cluster.dir.join("pgswitch-binary.toml");
+    std::fs::write(&path, text).expect("write config");
+    let child = Command::new(env!("CARGO_BIN_EXE_pgswitch"))
+        .args(["run", "--config"])
+        .arg(&path)
+        .env_remove("PGSWITCH_ADMIN")
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("start pgswitch");
+    let mut binary = RunningBinary { child };
+    let dsn = format!("host=127.0.0.1 port={port} user=app password=secret dbname=postgres");
+    let started = Instant::now();
+    let (client, connection) = loop {
+        match tokio_postgres::connect(&dsn, tokio_postgres::NoTls).await {
+            Ok(c) => break c,
+            Err(e) if started.elapsed() < STEP => {
+                assert!(
+                    binary.child.try_wait().expect("try_wait").is_none(),
+                    "pgswitch exited: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("pgswitch never answered: {e}"),
+        }
+    };
+    let connection = tokio::spawn(connection);
+    within("SELECT 1", STEP, client.simple_query("SELECT 1"))
+        .await
+        .expect("SELECT 1 through the binary");
+
+    // SIGTERM: no new clients, the idle one keeps its connection through the grace period...
+    let pid = binary.child.id() as libc::pid_t;
+    // SAFETY: kill(2) on the PID of the child this test started and still owns.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0, "SIGTERM");
+    let signalled = Instant::now();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    within(
+        "SELECT during the grace period",
+        STEP,
+        client.simple_query("SELECT 2"),
+    )
+    .await
+    .expect("a session still works during shutdown_timeout_ms");
+
+    // ...then is told why it is closed, and the process exits cleanly.
+    let ended = within("the session's end", STEP, connection)
+        .await
+        .expect("connection task");
+    let waited = signalled.elapsed();
+    let error = ended.expect_err("the connection ends with an error");
+    let db = error
+        .as_db_error()
+        .unwrap_or_else(|| panic!("not a server error: {error:?}"));
+    assert_eq!(db.code().code(), "57P01", "{db:?}");
+    assert_eq!(db.message(), "pgswitch is shutting down", "{db:?}");
+    assert!(
+        waited >= Duration::from_millis(1000),
+        "closed after {waited:?}, before shutdown_timeout_ms"
+    );
+    let status = within(
+        "pgswitch exits",
+        STEP,
+        tokio::task::spawn_blocking(move || binary.child.wait()),
+    )
+    .await
+    .expect("wait task")
+    .expect("wait");
+    assert!(status.success(), "{status}");
+    drop(cluster);
+}

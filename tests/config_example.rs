@@ -227,6 +227,19 @@ fn check_config_names_the_key_of_each_mistake() {
         replace("listen = \"127.0.0.1:6432\"", "listen = \"localhost\""),
         "listen",
     );
+    // What `run` loads before it listens is checked too.
+    assert_rejected(
+        "tls-files-missing",
+        |text| {
+            format!("{text}\n[tls]\ncert = \"/nonexistent/server.crt\"\nkey = \"/nonexistent/server.key\"\n")
+        },
+        "tls: cannot read certificate /nonexistent/server.crt",
+    );
+    assert_rejected(
+        "etcd-mode",
+        replace("mode = \"standalone\"", "mode = \"etcd\""),
+        "coordination.mode",
+    );
     assert_rejected(
         "missing-password",
         replace("password = \"secret\"\n", ""),
