@@ -139,6 +139,7 @@ pub const NODE_DIAGNOSIS_LATENCY: &str = "pgswitch_node_diagnosis_latency_second
 pub const NODE_CONSECUTIVE_FAILURES: &str = "pgswitch_node_consecutive_failures";
 pub const NODE_DIAGNOSES: &str = "pgswitch_node_diagnoses_total";
 pub const NODE_DIAGNOSIS_DURATION: &str = "pgswitch_node_diagnosis_duration_seconds";
+pub const NODE_QUARANTINED: &str = "pgswitch_node_quarantined";
 pub const PRIMARY_AVAILABLE: &str = "pgswitch_primary_available";
 pub const EPOCH: &str = "pgswitch_epoch";
 pub const FAILOVERS: &str = "pgswitch_failovers_total";
@@ -180,6 +181,7 @@ pub const CATALOG: &[MetricDef] = &[
     def(NODE_CONSECUTIVE_FAILURES, Kind::Gauge, &["node"], Some(Unit::Count), "Diagnoses of the node that failed in a row."),
     def(NODE_DIAGNOSES, Kind::Counter, &["node", "result"], Some(Unit::Count), "Diagnoses run, by node and result: ok, failed."),
     hist(NODE_DIAGNOSIS_DURATION, &["node"], DIAGNOSIS_BUCKETS, "Time one diagnosis of a node took (successful or not)."),
+    def(NODE_QUARANTINED, Kind::Gauge, &["node"], None, "1 while the node is a former primary kept out of service (fenced, never routed to) until it streams from the current primary, else 0."),
     def(PRIMARY_AVAILABLE, Kind::Gauge, &[], None, "1 when a primary is known (a node answered diagnosis as primary), else 0; see /ready for whether writes are routed now."),
     def(EPOCH, Kind::Gauge, &[], None, "Current cluster epoch: raised by one at every change of primary."),
     def(FAILOVERS, Kind::Counter, &["mode", "result"], Some(Unit::Count), "Failovers and switchovers, by mode (automatic, switchover) and result (success, failed, refused)."),
@@ -346,7 +348,8 @@ pub enum FailoverPhase {
     Publish,
     /// Re-pointing the other standbys.
     Repoint,
-    /// Publication until the first write committed on the new primary.
+    /// Publication until the first transaction completed on the new primary (through this
+    /// pgswitch; a held client's write, usually).
     FirstWrite,
     /// Detection until clients are released to the new primary.
     Total,
@@ -815,6 +818,36 @@ pub fn failover_phase(phase: FailoverPhase, seconds: f64) {
     histogram!(FAILOVER_PHASE_DURATION, "phase" => phase.as_str()).record(seconds);
 }
 
+/// When the last new primary was published ([`crate::clock::now_micros`]), until the first
+/// transaction after it completes; 0 otherwise.
+static FIRST_WRITE_AWAITED: AtomicU64 = AtomicU64::new(0);
+
+/// A new primary was published: the next transaction that completes ends the `first_write`
+/// phase.
+pub fn await_first_write() {
+    FIRST_WRITE_AWAITED.store(crate::clock::now_micros().max(1), Ordering::Relaxed);
+}
+
+/// A transaction completed at `now` (the data path: one relaxed load unless a new primary
+/// awaits its first one).
+#[inline]
+pub fn transaction_completed(now: u64) {
+    if FIRST_WRITE_AWAITED.load(Ordering::Relaxed) != 0 {
+        first_write_done(now);
+    }
+}
+
+#[cold]
+fn first_write_done(now: u64) {
+    let since = FIRST_WRITE_AWAITED.swap(0, Ordering::Relaxed);
+    if since != 0 {
+        failover_phase(
+            FailoverPhase::FirstWrite,
+            crate::clock::seconds_between(since, now),
+        );
+    }
+}
+
 /// A hold (new transactions wait for a primary) started or ended.
 pub fn hold_active(active: bool) {
     ready();
@@ -915,6 +948,11 @@ fn refresh(proxy: &Proxy, topology: &Topology) {
         }
         gauge!(NODE_CONSECUTIVE_FAILURES, "node" => name.to_string())
             .set(f64::from(node.consecutive_failures));
+        gauge!(NODE_QUARANTINED, "node" => name.to_string()).set(if node.quarantined {
+            1.0
+        } else {
+            0.0
+        });
         if let Some(ms) = node.latency_ms {
             gauge!(NODE_DIAGNOSIS_LATENCY, "node" => name.to_string()).set(ms / 1000.0);
         }

@@ -1471,6 +1471,7 @@ impl Relay {
                 self.pool
                     .metrics
                     .transaction_finished(clock::seconds_between(transaction, now));
+                metrics::transaction_completed(now);
             }
         }
     }

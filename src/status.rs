@@ -288,6 +288,8 @@ pub struct NodeRow {
     pub latency_ms: Option<f64>,
     pub consecutive_failures: u32,
     pub last_error: Option<String>,
+    /// A former primary kept out of service until it rejoins as a standby.
+    pub quarantined: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -377,6 +379,8 @@ pub fn render_table(s: &Status) -> String {
             };
             let role = if s.primary.as_deref() == Some(n.name.as_str()) {
                 format!("{} *", n.role)
+            } else if n.quarantined {
+                format!("{} QUARANTINED", n.role)
             } else {
                 n.role.clone()
             };
@@ -503,7 +507,9 @@ mod tests {
             "nodes":[{"name":"n0","host":"127.0.0.1","port":5432,"role":"primary","healthy":true,
                       "timeline":1,"lsn":"0/3000148","lag_bytes":0,"latency_ms":1.25},
                      {"name":"n1","host":"127.0.0.1","port":5433,"role":"unknown","healthy":false,
-                      "consecutive_failures":3,"last_error":"connection refused\nmore"}],
+                      "consecutive_failures":3,"last_error":"connection refused\nmore"},
+                     {"name":"n2","host":"127.0.0.1","port":5434,"role":"primary","healthy":true,
+                      "timeline":1,"quarantined":true}],
             "pools":[{"pool":"app/postgres","user":"app","database":"postgres","size":20,
                       "clients_active":1,"clients_waiting":0,"servers_active":1,"servers_idle":2}],
             "future_field":true}"#;
@@ -527,6 +533,11 @@ mod tests {
             n1.contains("DOWN x3") && n1.ends_with("connection refused"),
             "{out}"
         );
+        let n2 = out
+            .lines()
+            .find(|l| l.starts_with("n2 "))
+            .unwrap_or_default();
+        assert!(n2.contains("primary QUARANTINED  up"), "{out}");
         assert!(
             out.lines().any(|l| l.split_whitespace().collect::<Vec<_>>()
                 == ["app/postgres", "20", "1", "0", "1", "2"]),
