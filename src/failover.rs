@@ -34,6 +34,12 @@ const CATCH_UP: Duration = Duration::from_secs(30);
 const REJOIN_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long to wait before running a failed rejoin hook again.
 const REJOIN_RETRY: Duration = Duration::from_secs(30);
+/// How long a switchover target that got pg_promote but failed is watched for leaving recovery
+/// before it is taken to be still a standby.
+const PROMOTION_SETTLE: Duration = Duration::from_secs(5);
+/// How a standby's `primary_conninfo` is read before it is detached, to be restored if no new
+/// primary comes out of it.
+const READ_CONNINFO: &str = "SELECT current_setting('primary_conninfo')";
 
 /// A planned switchover asked for through the admin API.
 pub struct SwitchoverRequest {
@@ -65,12 +71,47 @@ impl SwitchoverHandle {
 /// Why a promotion did not produce a primary.
 #[derive(Debug, thiserror::Error)]
 enum PromoteError {
-    /// The node is still a standby: another candidate may be tried.
+    /// The node is still a standby and pg_promote was not sent: another candidate may be tried.
     #[error("{0}")]
     NotPromoted(String),
+    /// pg_promote was sent, yet the node still reports recovery: most likely not promoted
+    /// (pg_promote failed or timed out), but not certainly.
+    #[error("{0}")]
+    StillInRecovery(String),
     /// The node may or may not have left recovery: nothing else may be promoted.
     #[error("outcome unknown: {0}")]
     Unknown(String),
+}
+
+/// How far a failed switchover got, which decides how it is undone.
+#[derive(Debug)]
+enum SwitchoverError {
+    /// Before pg_promote was sent: the target is certainly still a standby.
+    BeforePromotion(String),
+    /// pg_promote was sent, or the target was promoted and could not be published: the target
+    /// may be a primary.
+    AtPromotion(String),
+}
+
+/// A switchover that failed once its target may have been promoted: the old primary stays
+/// read-only and nothing is routed until the target is found in recovery (undo) or out of it
+/// (finish publishing it).
+struct PendingSwitchover {
+    old: usize,
+    target: usize,
+    /// The target's `primary_conninfo` before it was detached.
+    target_conninfo: Option<String>,
+    error: String,
+}
+
+/// How a [`PendingSwitchover`] was settled.
+enum Settled {
+    /// The target is still a standby: the old primary serves again, the target follows it.
+    Undone,
+    /// The target is out of recovery and now published as the primary.
+    Finished,
+    /// Still unresolved, for the reason given (also the topology's reason).
+    Pending(String),
 }
 
 /// What a finished rejoin hook reports.
@@ -108,6 +149,12 @@ pub struct Controller {
     rejoin_rx: mpsc::Receiver<RejoinOutcome>,
     /// Rejoin hooks running or recently failed, by node, with when they started.
     rejoins: HashMap<String, Instant>,
+    /// Standbys a failover detached from the primary with the `primary_conninfo` each had,
+    /// by node index: restored when the failover ends without a new primary, dropped when a
+    /// new primary is published.
+    detached: HashMap<usize, String>,
+    /// A switchover whose target may have been promoted: settled before anything else.
+    pending_switchover: Option<PendingSwitchover>,
 }
 
 impl Controller {
@@ -149,6 +196,8 @@ impl Controller {
                 rejoin_tx,
                 rejoin_rx,
                 rejoins: HashMap::new(),
+                detached: HashMap::new(),
+                pending_switchover: None,
             },
             view,
             SwitchoverHandle(req_tx),
@@ -257,6 +306,10 @@ impl Controller {
     }
 
     async fn decide(&mut self) {
+        if self.pending_switchover.is_some() {
+            self.settle_switchover(Duration::ZERO).await;
+            return;
+        }
         self.handle_quarantined().await;
         let primary = self.topology.primary.or_else(|| {
             self.state
@@ -284,6 +337,7 @@ impl Controller {
             self.topology.primary = Some(p);
             self.topology.holding = false;
             self.set_reason(None);
+            self.restore_detached().await;
             return;
         }
         let why = if !node.healthy {
@@ -476,6 +530,7 @@ impl Controller {
                 self.last_attempt = Some(Instant::now());
                 metrics::failover(FailoverMode::Automatic, result);
                 self.topology.primary = None;
+                self.restore_detached().await;
                 self.set_reason(Some(format!("{why}; {reason}")));
             }
         }
@@ -493,9 +548,22 @@ impl Controller {
                 i != old && n.healthy && n.diagnosis.role == Role::Standby && !n.quarantined
             })
             .collect();
-        // Freeze: no standby follows the old primary any more, so LSNs stop moving.
+        // Freeze: no standby follows the old primary any more, so LSNs stop moving. What each
+        // followed is kept first, so a failover that ends without a new primary can undo this.
         for &i in &standbys {
             let config = self.config.clone();
+            if !self.detached.contains_key(&i) {
+                // A standby still detached by an earlier attempt keeps the value it had before.
+                match self.read_conninfo(i, timeout).await {
+                    Ok(conninfo) if conninfo.is_empty() => {}
+                    Ok(conninfo) => {
+                        self.detached.insert(i, conninfo);
+                    }
+                    Err(e) => {
+                        warn!(node = %self.topology.nodes[i].name, error = %e, "cannot read primary_conninfo: if no standby is promoted, this one is not pointed back at the old primary")
+                    }
+                }
+            }
             let sql = "ALTER SYSTEM SET primary_conninfo = ''; SELECT pg_reload_conf(); \
                        SELECT pg_wal_replay_resume() WHERE pg_is_wal_replay_paused();";
             if let Err(e) = self.conns[i].execute(&config, sql, timeout).await {
@@ -600,11 +668,15 @@ impl Controller {
                     self.repoint_standbys(i, old).await;
                     return Ok(i);
                 }
-                Err(PromoteError::NotPromoted(e)) => {
+                Err(PromoteError::NotPromoted(e) | PromoteError::StillInRecovery(e)) => {
                     error!(node = %name, error = %e, "promotion failed; trying the next candidate");
                 }
                 Err(PromoteError::Unknown(e)) => {
-                    // Promoting another node could make two primaries: stop here.
+                    // Promoting another node could make two primaries: stop here. Nor is this
+                    // one pointed back at the old primary: it may be a primary now.
+                    if self.detached.remove(&i).is_some() {
+                        warn!(node = %name, "its promotion has an unknown outcome: it stays detached from the old primary");
+                    }
                     return Err((
                         FailoverResult::Failed,
                         format!("promotion of {name} has an unknown outcome ({e}); no other node is promoted"),
@@ -672,12 +744,20 @@ impl Controller {
             )
             .await;
         let timeline = match (promoted, confirm) {
-            (_, Ok(row)) => match column::<bool>(&row, 0) {
+            (promoted, Ok(row)) => match column::<bool>(&row, 0) {
                 Ok(false) => column::<Option<i32>>(&row, 1).ok().flatten().unwrap_or(0) as u32,
                 Ok(true) => {
-                    return Err(PromoteError::NotPromoted(
-                        "still in recovery after pg_promote".into(),
-                    ))
+                    let answer = match promoted {
+                        Ok(row) => match column::<bool>(&row, 0) {
+                            Ok(true) => "true".to_string(),
+                            Ok(false) => "false (not promoted within 60 s)".to_string(),
+                            Err(e) => e,
+                        },
+                        Err(e) => e,
+                    };
+                    return Err(PromoteError::StillInRecovery(format!(
+                        "still in recovery after pg_promote, which answered: {answer}"
+                    )));
                 }
                 Err(e) => return Err(PromoteError::Unknown(e)),
             },
@@ -691,12 +771,20 @@ impl Controller {
                 );
             }
         }
+        self.after_promotion(i).await;
+        Ok(timeline)
+    }
+
+    /// A checkpoint (so pg_rewind sees the new timeline) and writes allowed again, on a node
+    /// that just left recovery.
+    async fn after_promotion(&mut self, i: usize) {
+        let config = self.config.clone();
         let after =
             "CHECKPOINT; ALTER SYSTEM RESET default_transaction_read_only; SELECT pg_reload_conf()";
+        let conn = &mut self.conns[i];
         if let Err(e) = conn.execute(&config, after, Duration::from_secs(60)).await {
             warn!(node = %conn.name(), error = %e, "promoted, but the checkpoint after promotion failed");
         }
-        Ok(timeline)
     }
 
     /// Epoch + 1 with the new primary, made durable before anything is routed to it.
@@ -715,6 +803,8 @@ impl Controller {
             .await
             .map_err(|e| format!("promoted, but cannot record the new epoch: {e}"))?;
         self.state = next;
+        // Standbys detached from the old primary are re-pointed at the new one, never back.
+        self.detached.clear();
         self.topology.epoch = self.state.epoch;
         self.topology.primary = Some(new);
         self.topology.reason = None;
@@ -723,6 +813,7 @@ impl Controller {
         }
         self.publish();
         metrics::failover_phase(FailoverPhase::Publish, started.elapsed().as_secs_f64());
+        metrics::await_first_write();
         Ok(())
     }
 
@@ -740,6 +831,77 @@ impl Controller {
             s.push_str(&format!(" password={}", q(&self.config.control.password)));
         }
         s
+    }
+
+    /// A standby's current `primary_conninfo`.
+    async fn read_conninfo(&mut self, i: usize, timeout: Duration) -> Result<String, String> {
+        let config = self.config.clone();
+        let row = self.conns[i]
+            .query_one(&config, READ_CONNINFO, timeout)
+            .await?;
+        column::<String>(&row, 0)
+    }
+
+    /// Sets a standby's `primary_conninfo` (as a SQL literal) and reloads it.
+    async fn set_conninfo(
+        &mut self,
+        i: usize,
+        conninfo: &str,
+        timeout: Duration,
+    ) -> Result<(), String> {
+        let config = self.config.clone();
+        let sql = format!(
+            "ALTER SYSTEM SET primary_conninfo = {}; SELECT pg_reload_conf();",
+            quote_literal(conninfo)
+        );
+        self.conns[i].execute(&config, &sql, timeout).await
+    }
+
+    /// Whether node `i` is in recovery; `None` when it does not answer.
+    async fn in_recovery(&mut self, i: usize, timeout: Duration) -> Option<bool> {
+        let config = self.config.clone();
+        let row = self.conns[i]
+            .query_one(&config, "SELECT pg_is_in_recovery()", timeout)
+            .await
+            .ok()?;
+        column::<bool>(&row, 0).ok()
+    }
+
+    /// Points the standbys a failover detached back at the primary they followed, once it
+    /// ended without a new primary: a failed failover leaves the cluster as it was. A standby
+    /// that does not answer now is done when it answers again (at a later attempt, or when the
+    /// primary serves again); one that left recovery is left alone.
+    async fn restore_detached(&mut self) {
+        if self.detached.is_empty() {
+            return;
+        }
+        let timeout =
+            Duration::from_millis(self.config.diagnosis.timeout_ms).max(Duration::from_secs(2));
+        let mut detached: Vec<(usize, String)> =
+            self.detached.iter().map(|(i, c)| (*i, c.clone())).collect();
+        detached.sort();
+        for (i, conninfo) in detached {
+            let name = self.topology.nodes[i].name.clone();
+            if !self.topology.nodes[i].healthy {
+                continue;
+            }
+            match self.in_recovery(i, timeout).await {
+                None => {}
+                Some(false) => {
+                    self.detached.remove(&i);
+                    warn!(node = %name, "a detached standby left recovery: its primary_conninfo is not restored");
+                }
+                Some(true) => match self.set_conninfo(i, &conninfo, timeout).await {
+                    Ok(()) => {
+                        self.detached.remove(&i);
+                        info!(node = %name, "no standby was promoted: this one follows the old primary again (primary_conninfo restored)");
+                    }
+                    Err(e) => {
+                        warn!(node = %name, error = %e, "cannot restore primary_conninfo; tried again later")
+                    }
+                },
+            }
+        }
     }
 
     /// Points every other reachable standby at the new primary and checks, in the background,
@@ -926,6 +1088,12 @@ impl Controller {
 
     /// Planned switchover: hold, drain, make the primary read-only, let the target catch up,
     /// promote it, publish, release; the old primary rejoins through the hook.
+    ///
+    /// A failure before pg_promote is sent is undone: the old primary is writable again and
+    /// the target follows it again. After pg_promote was sent the target may be a primary, so
+    /// the old one is made writable only once the target is seen still in recovery; if it left
+    /// recovery it is published as the primary (retried every cycle while that fails), and while
+    /// it does not answer, nothing is routed and the status says why.
     async fn switchover(&mut self, to: &str) -> Result<String, String> {
         let started = Instant::now();
         let Some(target) = self.topology.index_of(to) else {
@@ -950,36 +1118,137 @@ impl Controller {
         self.topology.reason = Some(format!("switchover from {old_name} to {to} in progress"));
         metrics::hold_active(true);
         self.publish();
-        let result = self.switchover_steps(old, target, old_timeline).await;
+        let mut target_conninfo = None;
+        let result = self
+            .switchover_steps(old, target, old_timeline, &mut target_conninfo)
+            .await;
         metrics::hold_active(false);
         self.topology.holding = false;
-        match result {
-            Ok(()) => {
-                metrics::failover(FailoverMode::Switchover, FailoverResult::Success);
-                self.publish();
-                let msg = format!(
-                    "switched over from {old_name} to {to} at epoch {} in {:.2} s",
-                    self.state.epoch,
-                    started.elapsed().as_secs_f64()
-                );
-                info!("{msg}");
-                Ok(msg)
-            }
-            Err(e) => {
-                metrics::failover(FailoverMode::Switchover, FailoverResult::Failed);
-                let config = self.config.clone();
-                let undo =
-                    "ALTER SYSTEM RESET default_transaction_read_only; SELECT pg_reload_conf();";
-                let _ = self.conns[old]
-                    .execute(&config, undo, Duration::from_secs(5))
+        let outcome = match result {
+            Ok(()) => Ok(format!(
+                "switched over from {old_name} to {to} at epoch {} in {:.2} s",
+                self.state.epoch,
+                started.elapsed().as_secs_f64()
+            )),
+            Err(SwitchoverError::BeforePromotion(e)) => {
+                self.undo_switchover(old, target, target_conninfo.as_deref())
                     .await;
-                self.topology.primary = Some(old);
-                self.topology.reason = None;
-                self.publish();
-                error!(from = %old_name, to = %to, error = %e, "switchover failed; the old primary keeps serving");
-                Err(e)
+                error!(from = %old_name, to = %to, error = %e, "switchover failed before the promotion; the old primary keeps serving");
+                Err(format!("{e}; {old_name} keeps serving"))
+            }
+            Err(SwitchoverError::AtPromotion(e)) => {
+                error!(from = %old_name, to = %to, error = %e, "switchover failed at or after the promotion; {old_name} stays read-only until {to} is found in or out of recovery");
+                self.pending_switchover = Some(PendingSwitchover {
+                    old,
+                    target,
+                    target_conninfo,
+                    error: e.clone(),
+                });
+                match self.settle_switchover(PROMOTION_SETTLE).await {
+                    Settled::Undone => Err(format!(
+                        "{e}; {to} is still in recovery: {old_name} keeps serving"
+                    )),
+                    Settled::Finished => Ok(format!(
+                        "switched over from {old_name} to {to} at epoch {} in {:.2} s, after: {e}",
+                        self.state.epoch,
+                        started.elapsed().as_secs_f64()
+                    )),
+                    Settled::Pending(reason) => Err(reason),
+                }
+            }
+        };
+        match &outcome {
+            Ok(msg) => {
+                metrics::failover(FailoverMode::Switchover, FailoverResult::Success);
+                info!("{msg}");
+            }
+            Err(_) => metrics::failover(FailoverMode::Switchover, FailoverResult::Failed),
+        }
+        self.publish();
+        outcome
+    }
+
+    /// Undoes a switchover that did not promote its target: the old primary takes writes
+    /// again and the target follows it again.
+    async fn undo_switchover(&mut self, old: usize, target: usize, conninfo: Option<&str>) {
+        let config = self.config.clone();
+        let timeout = Duration::from_secs(5);
+        let undo = "ALTER SYSTEM RESET default_transaction_read_only; SELECT pg_reload_conf();";
+        let old_name = self.topology.nodes[old].name.clone();
+        let target_name = self.topology.nodes[target].name.clone();
+        if let Err(e) = self.conns[old].execute(&config, undo, timeout).await {
+            error!(node = %old_name, error = %e, "cannot make the old primary writable again after the failed switchover");
+        }
+        if let Some(conninfo) = conninfo.filter(|c| !c.is_empty()) {
+            match self.set_conninfo(target, conninfo, timeout).await {
+                Ok(()) => {
+                    info!(node = %target_name, primary = %old_name, "switchover target follows the old primary again (primary_conninfo restored)")
+                }
+                Err(e) => {
+                    error!(node = %target_name, primary = %old_name, error = %e, "cannot point the switchover target back at the old primary")
+                }
             }
         }
+        self.topology.primary = Some(old);
+        self.topology.reason = None;
+    }
+
+    /// Settles a switchover whose target may have been promoted, by asking the target (for up
+    /// to `settle`, so a promotion under way is seen): still in recovery, it is undone; out of
+    /// recovery, the target is published; no answer, it stays pending with nothing routed.
+    async fn settle_switchover(&mut self, settle: Duration) -> Settled {
+        let Some(p) = self.pending_switchover.take() else {
+            return Settled::Undone;
+        };
+        let old_name = self.topology.nodes[p.old].name.clone();
+        let target_name = self.topology.nodes[p.target].name.clone();
+        let timeout =
+            Duration::from_millis(self.config.diagnosis.timeout_ms).max(Duration::from_secs(2));
+        let deadline = Instant::now() + settle;
+        let mut in_recovery = None;
+        loop {
+            match self.in_recovery(p.target, timeout).await {
+                Some(false) => {
+                    in_recovery = Some(false);
+                    break;
+                }
+                Some(true) => in_recovery = Some(true),
+                None => {}
+            }
+            if Instant::now() >= deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let reason = match in_recovery {
+            Some(true) => {
+                info!(node = %target_name, "the switchover target is still in recovery: undoing the switchover");
+                self.undo_switchover(p.old, p.target, p.target_conninfo.as_deref())
+                    .await;
+                return Settled::Undone;
+            }
+            Some(false) => {
+                self.after_promotion(p.target).await;
+                match self.publish_new_primary(p.target, &old_name).await {
+                    Ok(()) => {
+                        info!(from = %old_name, to = %target_name, epoch = self.state.epoch, "the switchover target left recovery: published as the primary");
+                        self.repoint_standbys(p.target, p.old).await;
+                        return Settled::Finished;
+                    }
+                    Err(e) => format!(
+                        "switchover from {old_name} to {target_name} failed after {target_name} left recovery: {e}; {old_name} stays read-only and nothing is routed until {target_name} is published (retried every cycle)"
+                    ),
+                }
+            }
+            None => format!(
+                "switchover from {old_name} to {target_name} failed after pg_promote was sent ({}); {target_name} does not answer, so whether it left recovery is unknown: {old_name} stays read-only and nothing is routed until {target_name} answers",
+                p.error
+            ),
+        };
+        self.topology.primary = None;
+        self.set_reason(Some(reason.clone()));
+        self.pending_switchover = Some(p);
+        Settled::Pending(reason)
     }
 
     async fn switchover_steps(
@@ -987,7 +1256,9 @@ impl Controller {
         old: usize,
         target: usize,
         old_timeline: Option<u32>,
-    ) -> Result<(), String> {
+        target_conninfo: &mut Option<String>,
+    ) -> Result<(), SwitchoverError> {
+        use SwitchoverError::{AtPromotion, BeforePromotion};
         let config = self.config.clone();
         let timeout = Duration::from_secs(5);
         // Let running transactions finish (bounded); new ones are held. Session-mode
@@ -1010,7 +1281,10 @@ impl Controller {
         let sql = "ALTER SYSTEM SET default_transaction_read_only = on; SELECT pg_reload_conf(); \
                    SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
                    WHERE backend_type = 'client backend' AND pid <> pg_backend_pid();";
-        self.conns[old].execute(&config, sql, timeout).await?;
+        self.conns[old]
+            .execute(&config, sql, timeout)
+            .await
+            .map_err(BeforePromotion)?;
         let (host, port) = (
             self.topology.nodes[old].host.clone(),
             self.topology.nodes[old].port,
@@ -1018,40 +1292,56 @@ impl Controller {
         self.fences.cut(&host, port);
         let row = self.conns[old]
             .query_one(&config, "SELECT pg_current_wal_lsn()::text", timeout)
-            .await?;
+            .await
+            .map_err(BeforePromotion)?;
         let last = lsn_column(&row, 0).unwrap_or(0);
         info!(lsn = %format_lsn(last), "old primary is read-only; waiting for the target to replay up to its last LSN");
         let deadline = Instant::now() + CATCH_UP;
         loop {
             let row = self.conns[target]
                 .query_one(&config, "SELECT pg_last_wal_replay_lsn()::text", timeout)
-                .await?;
+                .await
+                .map_err(BeforePromotion)?;
             let replayed = lsn_column(&row, 0).unwrap_or(0);
             if replayed >= last {
                 break;
             }
             if Instant::now() > deadline {
-                return Err(format!(
+                return Err(BeforePromotion(format!(
                     "target replayed {} of {} within {} s",
                     format_lsn(replayed),
                     format_lsn(last),
                     CATCH_UP.as_secs()
-                ));
+                )));
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        // What the target follows is kept first, so a failure before the promotion can point
+        // it back at the old primary.
+        *target_conninfo = Some(
+            self.read_conninfo(target, timeout)
+                .await
+                .map_err(BeforePromotion)?,
+        );
         self.conns[target]
             .execute(
                 &config,
                 "ALTER SYSTEM SET primary_conninfo = ''; SELECT pg_reload_conf();",
                 timeout,
             )
-            .await?;
-        self.promote(target, old_timeline)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(BeforePromotion)?;
+        match self.promote(target, old_timeline).await {
+            Ok(_) => {}
+            Err(PromoteError::NotPromoted(e)) => return Err(BeforePromotion(e)),
+            Err(e @ (PromoteError::StillInRecovery(_) | PromoteError::Unknown(_))) => {
+                return Err(AtPromotion(e.to_string()))
+            }
+        }
         let old_name = self.topology.nodes[old].name.clone();
-        self.publish_new_primary(target, &old_name).await?;
+        self.publish_new_primary(target, &old_name)
+            .await
+            .map_err(AtPromotion)?;
         self.repoint_standbys(target, old).await;
         Ok(())
     }

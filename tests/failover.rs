@@ -208,6 +208,46 @@ async fn upstream_port(node: &PgNode) -> Result<Option<u16>, String> {
     Ok(row.first().cloned().flatten().and_then(|p| p.parse().ok()))
 }
 
+/// The node's `primary_conninfo`.
+async fn conninfo_of(node: &PgNode) -> String {
+    sql_row(node, "SELECT current_setting('primary_conninfo')")
+        .await
+        .unwrap_or_else(|e| panic!("reading primary_conninfo: {e}"))
+        .first()
+        .cloned()
+        .flatten()
+        .unwrap_or_default()
+}
+
+/// Polls until the node's `primary_conninfo` is `want`; returns how long that took.
+async fn wait_conninfo(node: &PgNode, want: &str, limit: Duration) -> Duration {
+    let started = Instant::now();
+    wait_for(
+        &format!("{}'s primary_conninfo is restored", node.name),
+        limit,
+        || async move {
+            let got = sql_row(node, "SELECT current_setting('primary_conninfo')").await?;
+            match got.first().cloned().flatten() {
+                Some(c) if c == want => Ok(()),
+                other => Err(format!("primary_conninfo {other:?}, want {want:?}")),
+            }
+        },
+    )
+    .await;
+    started.elapsed()
+}
+
+/// The names of the nodes that answer and are not in recovery.
+async fn out_of_recovery(nodes: &[PgNode]) -> Vec<String> {
+    let mut out = Vec::new();
+    for n in nodes {
+        if in_recovery(n).await == Ok(false) {
+            out.push(n.name.clone());
+        }
+    }
+    out
+}
+
 async fn wait_streams_from(node: &PgNode, primary: &PgNode, limit: Duration) -> Duration {
     let started = Instant::now();
     wait_for(
@@ -1771,11 +1811,52 @@ async fn require_sync_with_too_few_standbys_refuses_to_promote() {
             },
         )
         .await;
+        let nodes = env.cluster.nodes.clone();
+        let n1_conninfo = conninfo_of(&nodes[1]).await;
+        assert!(!n1_conninfo.is_empty(), "n1 follows n0 before the failure");
         blocking("kill n0", move || n0.kill9()).await;
         let reason =
             assert_no_promotion(env, "require_sync", "require_sync", Duration::from_secs(6)).await;
         assert_status_explains(env, "require_sync", "require_sync").await;
         assert!(reason.contains("require_sync"), "{reason}");
+
+        // The refused failover detached n1 to compare LSNs; it must point n1 back at n0.
+        let restored = wait_conninfo(&nodes[1], &n1_conninfo, Duration::from_secs(30)).await;
+        println!(
+            "[require_sync] n1's primary_conninfo is n0's again ({} after the check began)",
+            ms(restored)
+        );
+        let (n0, n2) = (nodes[0].clone(), nodes[2].clone());
+        blocking("restart n0", move || n0.start()).await;
+        blocking("restart n2", move || n2.start()).await;
+        let n1_back = wait_streams_from(&nodes[1], &nodes[0], Duration::from_secs(60)).await;
+        let n2_back = wait_streams_from(&nodes[2], &nodes[0], Duration::from_secs(60)).await;
+        println!(
+            "[require_sync] n0 back: n1 streams from it after {}, n2 after {}",
+            ms(n1_back),
+            ms(n2_back)
+        );
+        wait_for(
+            "pgswitch routes to n0 again",
+            Duration::from_secs(30),
+            || async move {
+                let t = env.proxy.cluster.current();
+                match t.primary {
+                    Some(0) => Ok(()),
+                    other => Err(format!("primary {other:?}, reason {:?}", t.reason)),
+                }
+            },
+        )
+        .await;
+        let client = env.connect().await;
+        bounded(
+            "insert on n0 again",
+            STEP,
+            client.execute(INSERT, &[&21i64]),
+        )
+        .await
+        .expect("a synchronous commit on n0 once it is back");
+        assert_eq!(out_of_recovery(&nodes).await, vec!["n0".to_string()]);
         panic_watch::assert_no_proxy_panics();
     })
     .await
@@ -2035,6 +2116,155 @@ async fn a_switchover_between_nodes_given_by_socket_directories_loses_nothing() 
         let present = ids_on(&nodes[1]).await;
         let s = summarize("socket switchover", &log, WRITERS, &present, origin);
         assert_switchover_lost_nothing(&s);
+        panic_watch::assert_no_proxy_panics();
+    })
+    .await
+}
+
+/// Asks for a switchover that must fail; returns pgswitch's answer and how long it took.
+async fn failed_switchover_to(env: &TestEnv, to: &str) -> (Duration, String) {
+    let started = Instant::now();
+    let answer = admin(
+        env,
+        Method::POST,
+        "/switchover",
+        Some(&format!("{{\"to\":\"{to}\"}}")),
+    )
+    .await;
+    assert_eq!(
+        answer.status,
+        StatusCode::CONFLICT,
+        "the switchover to {to} must fail: {}",
+        answer.body
+    );
+    (started.elapsed(), answer.body)
+}
+
+/// Waits until pgswitch routes writes to `nodes[i]`.
+async fn wait_routed_to(env: &TestEnv, i: usize) {
+    wait_for(
+        &format!("pgswitch routes writes to n{i}"),
+        Duration::from_secs(30),
+        || async move {
+            let t = env.proxy.cluster.current();
+            match t.primary {
+                Some(p) if p == i && t.nodes[i].healthy => Ok(()),
+                other => Err(format!("primary {other:?}, reason {:?}", t.reason)),
+            }
+        },
+    )
+    .await
+}
+
+/// A write through pgswitch that must land on `node`.
+async fn write_lands_on(env: &TestEnv, node: &PgNode, id: i64) {
+    let client = env.connect().await;
+    bounded("insert", STEP, client.execute(INSERT, &[&id]))
+        .await
+        .unwrap_or_else(|e| panic!("insert {id} through pgswitch: {}", describe(&e).1));
+    assert!(ids_on(node).await.contains(&id), "{id} is on {}", node.name);
+}
+
+/// Three switchovers to n1 that fail at different points. Before the promotion (n1 cannot
+/// replay, or pg_promote fails and n1 stays a standby) everything is undone: n0 takes writes
+/// again and n1 streams from it again. After the promotion (n1 is out of recovery but the new
+/// epoch cannot be written), n0 stays read-only and nothing is routed until n1 is published.
+/// At no point do two nodes take writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_switchover_leaves_exactly_one_writable_primary_and_the_target_following_it() {
+    bounded("test", TEST_LIMIT, async {
+        panic_watch::install();
+        let mut state_file = std::path::PathBuf::new();
+        let env = TestEnv::start(ClusterSpec::default(), |c| {
+            failover_config(c);
+            // The old primary stays fenced after the last switchover; no hook runs.
+            c.failover.rejoin_command = String::new();
+            state_file = c.coordination.state_file.clone();
+        })
+        .await;
+        let env = &env;
+        create_table(env).await;
+        wait_all_healthy(env).await;
+        let nodes = env.cluster.nodes.clone();
+        let n1_conninfo = conninfo_of(&nodes[1]).await;
+        write_lands_on(env, &nodes[0], 1).await;
+
+        // 1. n1 cannot catch up: its replay is paused behind n0.
+        sql_exec(&nodes[1], "SELECT pg_wal_replay_pause()")
+            .await
+            .expect("pause replay on n1");
+        write_lands_on(env, &nodes[0], 2).await;
+        let (took, body) = failed_switchover_to(env, "n1").await;
+        println!(
+            "[failed switchover] catch-up: refused after {}: {body}",
+            ms(took)
+        );
+        assert!(body.contains("target replayed"), "{body}");
+        sql_exec(&nodes[1], "SELECT pg_wal_replay_resume()")
+            .await
+            .expect("resume replay on n1");
+        wait_routed_to(env, 0).await;
+        write_lands_on(env, &nodes[0], 3).await;
+        wait_streams_from(&nodes[1], &nodes[0], Duration::from_secs(60)).await;
+        assert_eq!(out_of_recovery(&nodes).await, vec!["n0".to_string()]);
+        wait_all_healthy(env).await;
+
+        // 2. pg_promote fails on n1 (its promote signal file cannot be created) after n1 was
+        //    detached from n0: n1 stays a standby and must follow n0 again.
+        let blocker = nodes[1].data_dir.join("promote");
+        std::fs::create_dir(&blocker).expect("a directory where pg_promote writes its file");
+        let (took, body) = failed_switchover_to(env, "n1").await;
+        std::fs::remove_dir(&blocker).expect("remove the promote blocker");
+        println!(
+            "[failed switchover] pg_promote: refused after {}: {body}",
+            ms(took)
+        );
+        assert!(body.contains("still in recovery"), "{body}");
+        let restored = wait_conninfo(&nodes[1], &n1_conninfo, Duration::from_secs(5)).await;
+        let streams = wait_streams_from(&nodes[1], &nodes[0], Duration::from_secs(60)).await;
+        println!(
+            "[failed switchover] n1's primary_conninfo restored ({}), n1 streams from n0 ({})",
+            ms(restored),
+            ms(streams)
+        );
+        wait_routed_to(env, 0).await;
+        write_lands_on(env, &nodes[0], 4).await;
+        assert_eq!(out_of_recovery(&nodes).await, vec!["n0".to_string()]);
+        wait_all_healthy(env).await;
+
+        // 3. n1 is promoted but the new epoch cannot be written (a directory where the state
+        //    file's temporary copy goes): n0 must stay read-only, nothing is routed, and n1 is
+        //    published once the state file can be written.
+        let tmp = state_file.with_extension("tmp");
+        std::fs::create_dir(&tmp).expect("a directory where the state file is written");
+        let (took, body) = failed_switchover_to(env, "n1").await;
+        println!(
+            "[failed switchover] publish: refused after {}: {body}",
+            ms(took)
+        );
+        assert!(body.contains("stays read-only"), "{body}");
+        let n0_state = node_state(&nodes[0]).await;
+        let n1_state = node_state(&nodes[1]).await;
+        println!("[failed switchover] n0: {n0_state}; n1: {n1_state}");
+        assert_eq!(n0_state, "primary, read-only (fenced)");
+        assert!(!in_recovery(&nodes[1]).await.expect("n1 answers"));
+        let t = env.proxy.cluster.current();
+        assert_eq!(
+            t.primary, None,
+            "nothing is routed while n1 is not published"
+        );
+        assert_status_explains(env, "failed switchover", "stays read-only").await;
+        std::fs::remove_dir(&tmp).expect("remove the state file blocker");
+        wait_routed_to(env, 1).await;
+        let epoch = env.proxy.cluster.current().epoch;
+        write_lands_on(env, &nodes[1], 5).await;
+        wait_streams_from(&nodes[2], &nodes[1], Duration::from_secs(60)).await;
+        let n0_state = node_state(&nodes[0]).await;
+        println!("[failed switchover] n1 published at epoch {epoch}; n0: {n0_state}");
+        assert_ne!(n0_state, "primary, WRITABLE");
+        let recorded = std::fs::read_to_string(&state_file).expect("state file");
+        assert!(recorded.contains("\"n1\""), "{recorded}");
+        print_failover_metrics(env, "failed switchover").await;
         panic_watch::assert_no_proxy_panics();
     })
     .await
