@@ -711,6 +711,17 @@ fn reasons_in(v: &Value) -> Vec<String> {
 }
 
 /// Prints the failover metrics pgswitch exports (phase durations, results).
+/// The value of one series (name and labels exactly as rendered) in a scrape.
+fn metric(scrape: &str, series: &str) -> Option<f64> {
+    scrape.lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
 async fn print_failover_metrics(env: &TestEnv, label: &str) {
     let answer = admin(env, Method::GET, "/metrics", None).await;
     println!("[{label}] failover metrics:");
@@ -1006,6 +1017,16 @@ async fn failover_scenario(label: &str, fault: Fault, sync: SyncMode, require_sy
         "a write acknowledged after the fault",
     )
     .await;
+    // The first write on the new primary ended the failover's first_write phase.
+    let scrape = admin(env, Method::GET, "/metrics", None).await.body;
+    let first_writes = metric(
+        &scrape,
+        "pgswitch_failover_phase_duration_seconds_count{phase=\"first_write\"}",
+    );
+    assert!(
+        first_writes.is_some_and(|n| n >= 1.0),
+        "no first_write phase recorded: {first_writes:?}"
+    );
     let keep_until = fault_started + Duration::from_secs(5);
     tokio::time::sleep_until(keep_until.into()).await;
     let idle_problems = idle.check().await;
@@ -2354,6 +2375,17 @@ async fn an_old_primary_without_a_rejoin_hook_is_fenced_and_a_restarted_pgswitch
             n0_status["quarantined"],
             Value::Bool(true),
             "/status shows n0 quarantined: {n0_status}"
+        );
+        let scrape = admin(env, Method::GET, "/metrics", None).await.body;
+        assert_eq!(
+            metric(&scrape, "pgswitch_node_quarantined{node=\"n0\"}"),
+            Some(1.0),
+            "the metrics show n0 quarantined"
+        );
+        assert_eq!(
+            metric(&scrape, "pgswitch_node_quarantined{node=\"n1\"}"),
+            Some(0.0),
+            "the metrics show n1 in service"
         );
 
         // A second pgswitch started from the same state file never routes to n0.
