@@ -199,6 +199,9 @@ pub struct ServerConn {
     /// client whose answer was all written at the end of its transaction hands it back here,
     /// so the next client needs no buffer of its own to answer into.
     pub client_out: BytesMut,
+    /// The relay's answer tracker (empty), kept with the connection between clients like the
+    /// buffers: its queue's allocation stays here, not with an idle client.
+    pub tracker: crate::prepared::Tracker,
     /// `ParamSet::id` of the client parameters this connection was last found to match; 0 once
     /// any parameter changed since.
     pub synced_params: u64,
@@ -283,6 +286,7 @@ impl ServerConn {
             pending: BytesMut::new(),
             outgoing: BytesMut::new(),
             client_out: BytesMut::new(),
+            tracker: crate::prepared::Tracker::default(),
             synced_params: 0,
             statements: ServerStatements::default(),
             created: Instant::now(),

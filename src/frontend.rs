@@ -32,7 +32,7 @@ const MAX_AUTH_MESSAGE: usize = 64 * 1024;
 /// What a reload replaces at once: the configuration and what is derived from it.
 pub struct Live {
     pub config: Arc<Config>,
-    tracked: Arc<[String]>,
+    relay: Arc<crate::session::RelaySettings>,
     tls: Option<tokio_rustls::TlsAcceptor>,
     secrets: HashMap<String, Secret>,
     auth_method: AuthMethod,
@@ -64,7 +64,7 @@ impl Live {
             }
         }
         Ok(Live {
-            tracked: crate::session::tracked_params(&config),
+            relay: Arc::new(crate::session::RelaySettings::new(&config)),
             config,
             tls,
             secrets,
@@ -139,9 +139,10 @@ impl Proxy {
         self.live().config.clone()
     }
 
-    /// Session parameters each client keeps across servers.
-    pub fn tracked_params(&self) -> Arc<[String]> {
-        self.live().tracked.clone()
+    /// What each relay reads from the configuration, including the session parameters each
+    /// client keeps across servers.
+    pub fn relay_settings(&self) -> Arc<crate::session::RelaySettings> {
+        self.live().relay.clone()
     }
 
     fn live(&self) -> Arc<Live> {
@@ -276,19 +277,18 @@ pub struct LoggedIn {
     pub slot: OwnedSemaphorePermit,
 }
 
-/// One client connection, from accept to close. The task's own future is small: logging in
-/// runs boxed and then is gone, and the session keeps its state in one allocation.
+/// One client connection's login. A client that logs in gets a task of its own for its
+/// session, and this one ends: an idle client keeps only that task (its future a pointer to the
+/// session's state and the relay's poll) and the session's one allocation.
 async fn handle_client(proxy: Arc<Proxy>, tcp: TcpStream, addr: SocketAddr, id: u64) {
     let Some(session) = Box::pin(log_in(proxy, tcp, addr, id)).await else {
         return;
     };
-    let run = Box::pin(
+    tokio::spawn(
         session
             .run()
             .instrument(debug_span!("client", client = id, %addr)),
     );
-    run.await;
-    metrics::client_disconnected();
 }
 
 /// Startup, TLS, authentication and the first server: a client ready for its session.
@@ -320,7 +320,7 @@ async fn log_in(
     span.in_scope(|| info!(user = %logged_in.user, database = %logged_in.database, tls = logged_in.stream.is_tls(), "client logged in"));
     drop(span);
     metrics::client_connected();
-    let session = ClientSession::start(proxy, logged_in, id, addr)
+    let session = ClientSession::start(proxy, logged_in, id)
         .instrument(debug_span!("client", client = id, %addr))
         .await;
     if session.is_none() {

@@ -59,27 +59,41 @@ impl KnownStatements {
     }
 }
 
-/// One client's named statements.
+/// One client's named statements. The map is made on the first one: a client that never
+/// names a statement keeps a pointer, not an empty map.
 #[derive(Debug, Default)]
 pub struct ClientStatements {
-    by_name: HashMap<String, Arc<Statement>, Fast>,
+    #[allow(clippy::box_collection)]
+    by_name: Option<Box<HashMap<String, Arc<Statement>, Fast>>>,
 }
 
 impl ClientStatements {
     pub fn get(&self, name: &str) -> Option<&Arc<Statement>> {
-        self.by_name.get(name)
+        self.by_name.as_ref()?.get(name)
     }
 
     pub fn len(&self) -> usize {
-        self.by_name.len()
+        self.by_name.as_ref().map_or(0, |m| m.len())
     }
 
     pub fn is_empty(&self) -> bool {
-        self.by_name.is_empty()
+        self.len() == 0
     }
 
     pub fn clear(&mut self) {
-        self.by_name.clear();
+        self.by_name = None;
+    }
+
+    fn insert(&mut self, name: String, statement: Statement) {
+        self.by_name
+            .get_or_insert_with(Default::default)
+            .insert(name, Arc::new(statement));
+    }
+
+    fn remove(&mut self, name: &str) {
+        if let Some(m) = &mut self.by_name {
+            m.remove(name);
+        }
     }
 
     /// Between transactions: a Parse of a statement the pool already knows to be valid is
@@ -102,8 +116,7 @@ impl ClientStatements {
             b'P',
             &[server_name.as_bytes(), b"\0", p.query, b"\0", p.param_types],
         );
-        self.by_name
-            .insert(name.to_string(), Arc::new(Statement { server_name, parse }));
+        self.insert(name.to_string(), Statement { server_name, parse });
         true
     }
 
@@ -113,7 +126,7 @@ impl ClientStatements {
             Some([b'S', rest @ ..]) => match cstr(rest) {
                 Some((name, _)) if !name.is_empty() => {
                     if let Ok(name) = std::str::from_utf8(name) {
-                        self.by_name.remove(name);
+                        self.remove(name);
                     }
                     true
                 }
@@ -243,6 +256,11 @@ impl Tracker {
 
     pub fn clear(&mut self) {
         self.queue.clear();
+    }
+
+    /// Nothing expected and nothing to report: the tracker can change hands.
+    pub fn is_idle(&self) -> bool {
+        self.queue.is_empty() && self.confirmed.is_empty()
     }
 
     /// An answer pgswitch writes itself is due now.
@@ -525,9 +543,7 @@ fn rewrite(
                     parse_of: Some(server_name.clone()),
                 });
             }
-            client
-                .by_name
-                .insert(name, Arc::new(Statement { server_name, parse }));
+            client.insert(name, Statement { server_name, parse });
         }
         b'B' => {
             let head = bind_head(msg, bind_names(msg)?, client, server, capacity, out)?;
@@ -558,7 +574,7 @@ fn rewrite(
                 return None;
             }
             // The server-side statement stays for other clients; the client's name goes.
-            client.by_name.remove(std::str::from_utf8(name).ok()?);
+            client.remove(std::str::from_utf8(name).ok()?);
             out.tracker.push(Pending::Inject(b'3'));
         }
         _ => return None,

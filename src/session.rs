@@ -12,7 +12,6 @@
 //! nothing outstanding.
 
 use std::io;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -80,14 +79,12 @@ enum Flow {
 /// an idle client small.
 struct Session {
     proxy: Arc<Proxy>,
-    pool: Arc<Pool>,
     stream: Stream,
     relay: Relay,
     server: Option<PooledServer>,
     statements: ClientStatements,
     cancel: CancelKey,
     id: u64,
-    addr: SocketAddr,
     _slot: OwnedSemaphorePermit,
 }
 
@@ -106,21 +103,13 @@ impl Drop for Session {
 impl ClientSession {
     /// Gets a logged-in client its first server and its greeting; `None` if the client got
     /// an error instead, or left.
-    pub async fn start(
-        proxy: Arc<Proxy>,
-        login: LoggedIn,
-        id: u64,
-        addr: SocketAddr,
-    ) -> Option<ClientSession> {
-        Session::start(proxy, login, id, addr)
-            .await
-            .map(ClientSession)
+    pub async fn start(proxy: Arc<Proxy>, login: LoggedIn, id: u64) -> Option<ClientSession> {
+        Session::start(proxy, login, id).await.map(ClientSession)
     }
 
     /// Relays until the client leaves.
     pub async fn run(self) {
         let mut session = self.0;
-        let (id, addr) = (session.id, session.addr);
         loop {
             let s = &mut *session;
             // The two events of every transaction (a server taken without waiting, a server
@@ -156,18 +145,15 @@ impl ClientSession {
             }
         }
         drop(session);
-        debug!(client = id, %addr, "session ended");
+        // The task's span names the client.
+        debug!("session ended");
+        metrics::client_disconnected();
     }
 }
 
 impl Session {
     /// Gets the client its first server (its parameters, and the greeting it is owed).
-    async fn start(
-        proxy: Arc<Proxy>,
-        login: LoggedIn,
-        id: u64,
-        addr: SocketAddr,
-    ) -> Option<Box<Session>> {
+    async fn start(proxy: Arc<Proxy>, login: LoggedIn, id: u64) -> Option<Box<Session>> {
         let LoggedIn {
             mut stream,
             user,
@@ -201,7 +187,7 @@ impl Session {
         drop(login_params);
         if mode == PoolMode::Transaction {
             // The first server's values are this client's defaults from now on.
-            for name in tracked_names(&proxy).iter().cloned() {
+            for name in proxy.relay_settings().tracked.iter().cloned() {
                 if !wanted.iter().any(|(n, _)| n.eq_ignore_ascii_case(&name)) {
                     if let Some(v) = server.conn.params.get(&name) {
                         wanted.push((name, v.clone()));
@@ -235,14 +221,12 @@ impl Session {
         };
         Some(Box::new(Session {
             proxy,
-            pool,
             stream,
             relay,
             server,
             statements: ClientStatements::default(),
             cancel,
             id,
-            addr,
             _slot: slot,
         }))
     }
@@ -253,7 +237,7 @@ impl Session {
         if self.proxy.is_paused() {
             return false;
         }
-        let Some(mut server) = self.pool.try_acquire_now(&self.proxy.cluster) else {
+        let Some(mut server) = self.relay.pool.try_acquire_now(&self.proxy.cluster) else {
             return false;
         };
         if !server.conn.params_match(&self.relay.wanted) {
@@ -278,7 +262,7 @@ impl Session {
             }
         }
         // Both futures live in this (boxed) future: a wait costs one allocation.
-        let next = attach(&self.proxy, &self.pool, &self.relay.wanted, have);
+        let next = attach(&self.proxy, &self.relay.pool, &self.relay.wanted, have);
         let gone = read_until_closed(&mut self.stream, &mut self.relay.client_in);
         let attached = tokio::select! {
             r = next => Some(r),
@@ -419,7 +403,7 @@ impl Session {
                 Flow::End
             }
             RelayEvent::ClientProtocol(e) => {
-                info!(client = id, addr = %self.addr, error = %e, "closing client after protocol violation");
+                info!(client = id, error = %e, "closing client after protocol violation");
                 self.cancel.slot.set(None);
                 if let Some(s) = self.server.take() {
                     cancel_and_discard(s);
@@ -473,7 +457,7 @@ impl Session {
             (PoolMode::Session, true) if idle_before => {
                 // Not in a transaction: move the session to the new primary with its
                 // parameters and prepared statements.
-                match reattach(&self.proxy, &self.pool, relay).await {
+                match reattach(&self.proxy, relay).await {
                     Ok(s) => {
                         info!(client = id, server = s.conn.id, node = %s.conn.target.node, "idle session moved to the new primary");
                         self.attached(s);
@@ -505,17 +489,28 @@ impl Session {
     }
 }
 
-fn tracked_names(proxy: &Proxy) -> Arc<[String]> {
-    proxy.tracked_params()
+/// What every relay reads from the configuration, made once per configuration and shared: one
+/// pointer in each client's state.
+pub struct RelaySettings {
+    /// The built-in tracked parameters plus `track_extra_params`.
+    pub tracked: Box<[String]>,
+    pub max_message: usize,
+    /// `prepared_statement_cache_size`.
+    pub cache_size: usize,
 }
 
-/// The built-in tracked parameters plus `track_extra_params`.
-pub fn tracked_params(config: &crate::config::Config) -> Arc<[String]> {
-    TRACKED_PARAMS
-        .iter()
-        .map(|s| s.to_string())
-        .chain(config.track_extra_params.iter().cloned())
-        .collect()
+impl RelaySettings {
+    pub fn new(config: &crate::config::Config) -> RelaySettings {
+        RelaySettings {
+            tracked: TRACKED_PARAMS
+                .iter()
+                .map(|s| s.to_string())
+                .chain(config.track_extra_params.iter().cloned())
+                .collect(),
+            max_message: config.max_message_bytes,
+            cache_size: config.prepared_statement_cache_size,
+        }
+    }
 }
 
 /// Why a client could not get a server.
@@ -543,12 +538,8 @@ impl AttachError {
 
 /// Session mode after the server went away: a new server with the client's parameters and
 /// named prepared statements.
-async fn reattach(
-    proxy: &Proxy,
-    pool: &Arc<Pool>,
-    relay: &Relay,
-) -> Result<PooledServer, ClientError> {
-    let mut server = attach(proxy, pool, &relay.wanted, None)
+async fn reattach(proxy: &Proxy, relay: &Relay) -> Result<PooledServer, ClientError> {
+    let mut server = attach(proxy, &relay.pool, &relay.wanted, None)
         .await
         .map_err(|e| e.fatal())?;
     let parses: Vec<bytes::Bytes> = relay
@@ -803,13 +794,11 @@ struct Relay {
     /// Named statements whose text may change such parameters (a prepared `SET
     /// search_path`): a Bind of one sets `relearn`.
     param_statements: ParamStatements,
-    tracked: Arc<[String]>,
-    max_message: usize,
-    cache_size: usize,
+    settings: Arc<RelaySettings>,
     /// The client's pool: its statements known to parse, its metrics.
     pool: Arc<Pool>,
     /// SQLSTATE of a FATAL error the server sent before closing.
-    server_fatal: Option<String>,
+    server_fatal: Option<Box<str>>,
     /// When the oldest unanswered request was sent ([`clock::now_micros`]; 0: none).
     request_started: u64,
     /// When the current transaction's first request was sent (0: none).
@@ -852,9 +841,7 @@ impl Relay {
             wanted,
             relearn: false,
             param_statements: None,
-            tracked: tracked_names(proxy),
-            max_message: proxy.config().max_message_bytes,
-            cache_size: proxy.config().prepared_statement_cache_size,
+            settings: proxy.relay_settings(),
         }
     }
 
@@ -895,6 +882,9 @@ impl Relay {
         self.server_in.clear();
         std::mem::swap(&mut self.to_server, &mut conn.outgoing);
         std::mem::swap(&mut self.server_in, &mut conn.pending);
+        if self.tracker.is_idle() {
+            std::mem::swap(&mut self.tracker, &mut conn.tracker);
+        }
         // An idle connection's last read ended with its ReadyForQuery.
         self.server_drained = true;
         if self.to_client.is_empty() {
@@ -911,6 +901,9 @@ impl Relay {
         std::mem::swap(&mut self.server_in, &mut conn.pending);
         if self.to_client.is_empty() {
             std::mem::swap(&mut self.to_client, &mut conn.client_out);
+        }
+        if self.tracker.is_idle() {
+            std::mem::swap(&mut self.tracker, &mut conn.tracker);
         }
         // A buffer that grew for one big message (a Parse of megabytes is held whole) is
         // freed rather than kept by an idle connection.
@@ -989,10 +982,10 @@ impl Relay {
                 return Err(WireError::BadLength(len));
             }
             let body = (len - 4) as usize;
-            if body > self.max_message {
+            if body > self.settings.max_message {
                 return Err(WireError::TooLong {
                     len: body,
-                    max: self.max_message,
+                    max: self.settings.max_message,
                 });
             }
             if tag == b'X' {
@@ -1082,7 +1075,7 @@ impl Relay {
                     &self.client_in,
                     statements,
                     &mut conn.statements,
-                    self.cache_size,
+                    self.settings.cache_size,
                     &mut self.to_server,
                     &mut self.tracker,
                 ) {
@@ -1114,7 +1107,7 @@ impl Relay {
                 let msg = &self.client_in[..5 + body];
                 if tag == b'P' && body < STATEMENT_CHECK_MAX {
                     let changes = |query: &[u8]| {
-                        note_hazards(query, false, &self.tracked, &self.wanted, conn)
+                        note_hazards(query, false, &self.settings.tracked, &self.wanted, conn)
                     };
                     self.relearn |=
                         note_param_statement(&mut self.param_statements, &msg[5..], changes);
@@ -1123,7 +1116,7 @@ impl Relay {
                     msg,
                     statements,
                     &mut conn.statements,
-                    self.cache_size,
+                    self.settings.cache_size,
                     &mut self.to_server,
                     &mut self.tracker,
                 ) {
@@ -1146,7 +1139,7 @@ impl Relay {
                 self.commit_in_flight |= is_commit(query);
                 // A simple query may hold several statements.
                 self.relearn |= if self.rewrites() {
-                    note_hazards(query, true, &self.tracked, &self.wanted, conn)
+                    note_hazards(query, true, &self.settings.tracked, &self.wanted, conn)
                 } else {
                     changes_params(query, true)
                 };
@@ -1338,7 +1331,7 @@ impl Relay {
                         if code.starts_with("57P") {
                             verdict = Verdict::Drop;
                         }
-                        self.server_fatal = Some(code);
+                        self.server_fatal = Some(code.into_boxed_str());
                     }
                 }
                 b'C' => {
@@ -1430,14 +1423,14 @@ impl Relay {
     /// The client keeps this parameter across servers: it is tracked, or the client gave it
     /// at startup.
     fn keeps(&self, name: &[u8]) -> bool {
-        keeps(&self.tracked, &self.wanted, name)
+        keeps(&self.settings.tracked, &self.wanted, name)
     }
 
     /// The names of the parameters this client keeps (the tracked ones and its own).
     fn kept_names(&self) -> Vec<String> {
-        let mut names: Vec<String> = self.tracked.to_vec();
+        let mut names: Vec<String> = self.settings.tracked.to_vec();
         for (name, _) in self.wanted.values() {
-            if !is_tracked(&self.tracked, name.as_bytes()) {
+            if !is_tracked(&self.settings.tracked, name.as_bytes()) {
                 names.push(name.clone());
             }
         }
@@ -1974,8 +1967,8 @@ mod tests {
             "{}",
             size_of::<PooledServer>()
         );
-        assert!(size_of::<Relay>() <= 400, "{}", size_of::<Relay>());
-        assert!(size_of::<Session>() <= 640, "{}", size_of::<Session>());
+        assert!(size_of::<Relay>() <= 336, "{}", size_of::<Relay>());
+        assert!(size_of::<Session>() <= 480, "{}", size_of::<Session>());
     }
 
     #[test]
