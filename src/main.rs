@@ -62,6 +62,13 @@ enum Command {
     },
 }
 
+/// jemalloc instead of glibc's malloc: its size classes are naturally aligned, so the
+/// 128-byte-aligned blocks tokio allocates for every task and socket take no padding, and many
+/// small long-lived allocations (one set per idle client) leave no free fragments between them.
+/// With glibc an idle client cost ~1.55 KiB of resident memory, ~0.4 KiB of it fragments.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("PGSWITCH_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
