@@ -114,6 +114,7 @@ impl ClientError {
                 "57P03",
                 format!("{e}: the cluster has no writable primary"),
             ),
+            PoolError::PrimaryUnreachable { .. } => Self::new(severity, "57P03", e.to_string()),
             PoolError::Server(s) => Self::from_server(s, severity),
         }
     }

@@ -42,6 +42,13 @@ pub enum PoolError {
     },
     #[error("no primary available within {0} ms")]
     NoPrimary(u128),
+    /// A primary is known, but no connection to it could be opened within the hold.
+    #[error("no primary available within {waited_ms} ms: {node} is the primary, but {error}")]
+    PrimaryUnreachable {
+        node: String,
+        waited_ms: u128,
+        error: ServerError,
+    },
     #[error(transparent)]
     Server(#[from] ServerError),
 }
@@ -390,9 +397,13 @@ impl Pool {
                     if left.is_zero() {
                         metrics::pool_acquire_failed(
                             &self.key.to_string(),
-                            AcquireFailure::ServerError,
+                            AcquireFailure::NoPrimary,
                         );
-                        return Err(e.into());
+                        return Err(PoolError::PrimaryUnreachable {
+                            node: target.node.to_string(),
+                            waited_ms: hold.as_millis(),
+                            error: e,
+                        });
                     }
                     cluster
                         .wait_for_change(&target, left.min(Duration::from_millis(500)))
@@ -538,5 +549,67 @@ impl Pools {
                 pool.fill_min(&cluster).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A primary that is known but cannot be reached for the whole hold is, for the client, no
+    /// primary within `hold_ms`: 57P03, like no primary at all.
+    #[tokio::test]
+    async fn a_primary_unreachable_for_the_whole_hold_gives_57p03() {
+        // A port nothing listens on: bound, then closed.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let config = crate::config::Config::parse(&format!(
+            "[[users]]\nname = \"app\"\npassword = \"secret\"\n\n\
+             [[nodes]]\nname = \"n0\"\nhost = \"127.0.0.1\"\nport = {port}\n"
+        ))
+        .expect("config");
+        let mut topology = crate::cluster::Topology::initial(&config);
+        topology.epoch = 1;
+        topology.primary = Some(0);
+        topology.reason = None;
+        let (_tx, rx) = tokio::sync::watch::channel(topology);
+        let cluster = ClusterView::new(rx, Arc::new(tokio::sync::Notify::new()));
+        let key = PoolKey {
+            user: "app".into(),
+            database: "postgres".into(),
+        };
+        let login = ServerLogin {
+            user: "app".into(),
+            password: Some("secret".into()),
+            database: "postgres".into(),
+            tls: crate::config::ServerTlsMode::Disable,
+            connect_timeout: Duration::from_millis(200),
+            fences: Arc::new(crate::backend::Fences::default()),
+            lifetime: Duration::from_secs(3600),
+        };
+        let pool = Arc::new(Pool::new(key, login, 2, 0, 0));
+        let hold = Duration::from_millis(300);
+        let started = Instant::now();
+        let error = match pool.acquire(&cluster, Duration::from_secs(5), hold).await {
+            Ok(_) => panic!("a connection to a closed port"),
+            Err(e) => e,
+        };
+        assert!(started.elapsed() >= hold, "gave up before the hold ended");
+        assert!(
+            matches!(&error, PoolError::PrimaryUnreachable { node, .. } if node == "n0"),
+            "{error:?}"
+        );
+        let client =
+            crate::client_error::ClientError::from_pool(&error, crate::wire::Severity::Error);
+        assert_eq!(client.code, "57P03", "{}", client.message);
+        assert!(
+            client
+                .message
+                .starts_with("no primary available within 300 ms: n0 is the primary, but"),
+            "{}",
+            client.message
+        );
     }
 }
