@@ -76,6 +76,17 @@ impl ClientError {
         )
     }
 
+    /// The server went away right after a transaction that set session parameters, before
+    /// pgswitch could read their values back: the client cannot go on with them elsewhere.
+    pub fn session_parameters_lost() -> ClientError {
+        Self::new(
+            Severity::Fatal,
+            "08006",
+            "server connection lost before pgswitch could read back the session parameters \
+             the last transaction set; reconnect and set them again",
+        )
+    }
+
     /// The server went away while the client's COMMIT was in flight.
     pub fn commit_outcome_unknown() -> ClientError {
         Self::new(

@@ -332,18 +332,23 @@ impl Session {
                 self.relay.learned(&values, true);
                 Flow::Continue
             }
-            // An error of its own (a cancel came in): the server is fine, the values stay.
-            Ok(Err(e @ crate::backend::ServerError::Postgres { .. })) => {
+            // An error of its own (a cancel came in): the server is fine and keeps the values.
+            Ok(Err(e @ crate::backend::ServerError::Postgres { .. })) if !e.is_shutdown() => {
                 debug!(client = self.id, error = %e, "reading session parameters back failed");
                 Flow::Continue
             }
-            Ok(Err(e)) => self.server_gone(io::Error::other(e.to_string())).await,
+            // The server went away before the values were known: the session cannot be moved
+            // to another server with them.
+            Ok(Err(e)) => {
+                self.server_gone(io::Error::other(e.to_string()), false)
+                    .await
+            }
             Err(_) => {
-                self.server_gone(io::Error::new(
+                let e = io::Error::new(
                     io::ErrorKind::TimedOut,
                     "reading session parameters back timed out",
-                ))
-                .await
+                );
+                self.server_gone(e, false).await
             }
         }
     }
@@ -352,11 +357,11 @@ impl Session {
     /// not report (`SET search_path` on PostgreSQL 15, `RESET ALL`, `set_config(…)`). Their
     /// values are read back before the server goes to the next client, so the client keeps
     /// them on its next server and the next client of this one gets its own.
-    async fn relearn_and_release(&mut self) {
+    async fn relearn_and_release(&mut self) -> Flow {
         self.relay.relearn = false;
         let cancelled = self.cancel.slot.set(None);
         let Some(mut s) = self.server.take() else {
-            return;
+            return Flow::Continue;
         };
         self.relay.return_buffers(&mut s.conn);
         let names = self.relay.kept_names();
@@ -366,18 +371,22 @@ impl Session {
             }
             s.conn.read_params(&names).await
         };
-        match tokio::time::timeout(Duration::from_secs(10), read).await {
+        let failed = match tokio::time::timeout(Duration::from_secs(10), read).await {
             Ok(Ok(values)) => {
                 self.relay.learned(&values, false);
                 s.release();
+                self.relay.shrink_idle_buffers();
+                return Flow::Continue;
             }
-            Ok(Err(e)) => {
-                debug!(client = self.id, server = s.conn.id, error = %e, "reading session parameters back failed; closing the server");
-                s.discard();
-            }
-            Err(_) => s.discard(),
-        }
-        self.relay.shrink_idle_buffers();
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "timed out".to_string(),
+        };
+        // The values the transaction set are unknown: going on would run the client's next
+        // transactions without them, so it is told and closed instead.
+        warn!(client = self.id, server = s.conn.id, error = %failed, "reading session parameters back failed; closing the client");
+        s.discard();
+        refuse(&mut self.stream, &ClientError::session_parameters_lost()).await;
+        Flow::End
     }
 
     /// Everything but the two events of every transaction.
@@ -387,10 +396,7 @@ impl Session {
             RelayEvent::ServerIdle if self.relay.mode == PoolMode::Session => {
                 self.read_back_in_place().await
             }
-            RelayEvent::ServerIdle => {
-                self.relearn_and_release().await;
-                Flow::Continue
-            }
+            RelayEvent::ServerIdle => self.relearn_and_release().await,
             RelayEvent::NeedServer => Flow::Continue,
             RelayEvent::ClientLeft | RelayEvent::ClientGone(_) => {
                 let cancelled = self.cancel.slot.set(None);
@@ -411,11 +417,13 @@ impl Session {
                 refuse(&mut self.stream, &ClientError::from_wire(&e)).await;
                 Flow::End
             }
-            RelayEvent::ServerGone(e) => self.server_gone(e).await,
+            RelayEvent::ServerGone(e) => self.server_gone(e, true).await,
         }
     }
 
-    async fn server_gone(&mut self, e: io::Error) -> Flow {
+    /// The server connection failed. `movable`: pgswitch knows the session's parameters (not
+    /// so while it was reading back what the last transaction set).
+    async fn server_gone(&mut self, e: io::Error, movable: bool) -> Flow {
         let id = self.id;
         let relay = &mut self.relay;
         let idle_before = relay.client_is_idle();
@@ -454,7 +462,7 @@ impl Session {
                 relay.fail_in_flight(error);
                 Flow::Continue
             }
-            (PoolMode::Session, true) if idle_before => {
+            (PoolMode::Session, true) if idle_before && movable => {
                 // Not in a transaction: move the session to the new primary with its
                 // parameters and prepared statements.
                 match reattach(&self.proxy, relay).await {
@@ -472,11 +480,12 @@ impl Session {
             }
             (PoolMode::Session, true) => {
                 let _ = self.stream.write_all(&relay.to_client).await;
-                refuse(
-                    &mut self.stream,
-                    &ClientError::server_connection_lost(Severity::Fatal),
-                )
-                .await;
+                let error = if movable {
+                    ClientError::server_connection_lost(Severity::Fatal)
+                } else {
+                    ClientError::session_parameters_lost()
+                };
+                refuse(&mut self.stream, &error).await;
                 Flow::End
             }
             (_, false) => {
