@@ -7,6 +7,11 @@
 //! the old primary cut), freeze the standbys and choose the most advanced one, promote it,
 //! publish epoch + 1 durably, re-point the other standbys, release held clients; later fence
 //! the old primary when it returns and run the rejoin hook.
+//!
+//! A promotion that may have happened but is not published (pg_promote sent and its outcome
+//! unknown, or a promoted node whose new epoch cannot be recorded) is a [`PendingPromotion`]:
+//! until that node is seen in recovery or is published, nothing is routed, no other node is
+//! promoted and no standby is pointed back at the old primary.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -34,8 +39,8 @@ const CATCH_UP: Duration = Duration::from_secs(30);
 const REJOIN_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long to wait before running a failed rejoin hook again.
 const REJOIN_RETRY: Duration = Duration::from_secs(30);
-/// How long a switchover target that got pg_promote but failed is watched for leaving recovery
-/// before it is taken to be still a standby.
+/// How long a switchover or failover target that got pg_promote but failed is watched for
+/// leaving recovery before it is taken to be still a standby.
 const PROMOTION_SETTLE: Duration = Duration::from_secs(5);
 /// How a standby's `primary_conninfo` is read before it is detached, to be restored if no new
 /// primary comes out of it.
@@ -93,20 +98,44 @@ enum SwitchoverError {
     AtPromotion(String),
 }
 
-/// A switchover that failed once its target may have been promoted: the old primary stays
-/// read-only and nothing is routed until the target is found in recovery (undo) or out of it
-/// (finish publishing it).
-struct PendingSwitchover {
+/// Why an automatic failover attempt published no new primary.
+enum NoNewPrimary {
+    /// Nothing was promoted: the cluster is as it was (the detached standbys follow the old
+    /// primary again).
+    Failed(FailoverResult, String),
+    /// `target` may be, or is, a primary but is not published: it becomes a
+    /// [`PendingPromotion`].
+    Unsettled {
+        target: usize,
+        error: String,
+        /// Whether `target` was seen out of recovery (then only its publication failed).
+        left_recovery: bool,
+    },
+}
+
+/// A switchover or failover that failed once its target may have been promoted. Nothing is
+/// routed and no other node is promoted until the target is found in recovery (undo) or out
+/// of it (finish publishing it). In a switchover the old primary stays read-only meanwhile; in
+/// a failover it is down, and the standbys stay detached from it.
+struct PendingPromotion {
+    mode: FailoverMode,
+    /// The primary the target replaces.
     old: usize,
     target: usize,
     /// The target's `primary_conninfo` before it was detached.
     target_conninfo: Option<String>,
     error: String,
+    /// Whether the target was seen out of recovery and checkpointed (`after_promotion`).
+    left_recovery: bool,
+    /// When the switchover or failover began.
+    started: Instant,
 }
 
-/// How a [`PendingSwitchover`] was settled.
+/// How a [`PendingPromotion`] was settled.
 enum Settled {
-    /// The target is still a standby: the old primary serves again, the target follows it.
+    /// The target is still a standby. After a switchover the old primary serves again and the
+    /// target follows it; after a failover the detached standbys (the target too) follow the
+    /// old primary again and the next attempt may go on.
     Undone,
     /// The target is out of recovery and now published as the primary.
     Finished,
@@ -153,8 +182,9 @@ pub struct Controller {
     /// by node index: restored when the failover ends without a new primary, dropped when a
     /// new primary is published.
     detached: HashMap<usize, String>,
-    /// A switchover whose target may have been promoted: settled before anything else.
-    pending_switchover: Option<PendingSwitchover>,
+    /// A switchover or failover whose target may have been promoted: settled before anything
+    /// else.
+    pending_promotion: Option<PendingPromotion>,
 }
 
 impl Controller {
@@ -197,7 +227,7 @@ impl Controller {
                 rejoin_rx,
                 rejoins: HashMap::new(),
                 detached: HashMap::new(),
-                pending_switchover: None,
+                pending_promotion: None,
             },
             view,
             SwitchoverHandle(req_tx),
@@ -221,7 +251,8 @@ impl Controller {
     pub async fn run(mut self) {
         loop {
             let interval = Duration::from_millis(self.config.diagnosis.interval_ms);
-            let delay = if self.primary_failures > 0 {
+            // A pending promotion is asked about once a cycle, not at the retry pace.
+            let delay = if self.primary_failures > 0 && self.pending_promotion.is_none() {
                 RETRY_DELAY.min(interval)
             } else {
                 interval
@@ -306,8 +337,8 @@ impl Controller {
     }
 
     async fn decide(&mut self) {
-        if self.pending_switchover.is_some() {
-            self.settle_switchover(Duration::ZERO).await;
+        if self.pending_promotion.is_some() {
+            self.settle_promotion(Duration::ZERO).await;
             return;
         }
         self.handle_quarantined().await;
@@ -517,31 +548,69 @@ impl Controller {
         metrics::hold_active(false);
         self.topology.holding = false;
         match outcome {
-            Ok(new) => {
-                self.last_failover = Some(Instant::now());
-                self.last_attempt = None;
-                self.primary_failures = 0;
-                self.failing_since = None;
-                metrics::failover(FailoverMode::Automatic, FailoverResult::Success);
-                metrics::failover_phase(FailoverPhase::Total, started.elapsed().as_secs_f64());
-                info!(from = %old_name, to = %self.topology.nodes[new].name, epoch = self.state.epoch, seconds = started.elapsed().as_secs_f64(), "failover done: writes go to the new primary");
-            }
-            Err((result, reason)) => {
+            Ok(new) => self.failover_done(old, new, started),
+            Err(NoNewPrimary::Failed(result, reason)) => {
                 self.last_attempt = Some(Instant::now());
                 metrics::failover(FailoverMode::Automatic, result);
                 self.topology.primary = None;
                 self.restore_detached().await;
                 self.set_reason(Some(format!("{why}; {reason}")));
             }
+            Err(NoNewPrimary::Unsettled {
+                target,
+                error,
+                left_recovery,
+            }) => {
+                // The target may be a primary: it is not pointed back at the old primary, nor
+                // is any other standby, and nothing else is promoted until it is settled (the
+                // result is counted then).
+                self.last_attempt = Some(Instant::now());
+                let target_conninfo = self.detached.remove(&target);
+                self.pending_promotion = Some(PendingPromotion {
+                    mode: FailoverMode::Automatic,
+                    old,
+                    target,
+                    target_conninfo,
+                    error,
+                    left_recovery,
+                    started,
+                });
+                self.settle_promotion(PROMOTION_SETTLE).await;
+            }
         }
         self.publish();
     }
 
-    /// Freeze the standbys, pick the most advanced candidate, promote it (or the next), publish
-    /// the new epoch and re-point the others. Returns the new primary's index.
-    async fn elect_and_promote(&mut self, old: usize) -> Result<usize, (FailoverResult, String)> {
+    /// An automatic failover published its new primary.
+    fn failover_done(&mut self, old: usize, new: usize, started: Instant) {
+        self.last_failover = Some(Instant::now());
+        self.last_attempt = None;
+        self.primary_failures = 0;
+        self.failing_since = None;
+        metrics::failover(FailoverMode::Automatic, FailoverResult::Success);
+        metrics::failover_phase(FailoverPhase::Total, started.elapsed().as_secs_f64());
+        info!(from = %self.topology.nodes[old].name, to = %self.topology.nodes[new].name, epoch = self.state.epoch, seconds = started.elapsed().as_secs_f64(), "failover done: writes go to the new primary");
+    }
+
+    /// Freeze the standbys, pick the most advanced candidate, promote it (or the next, while
+    /// the promotion certainly did not happen), publish the new epoch and re-point the others.
+    /// Returns the new primary's index.
+    async fn elect_and_promote(&mut self, old: usize) -> Result<usize, NoNewPrimary> {
         let started = Instant::now();
         let timeout = Duration::from_millis(self.config.diagnosis.timeout_ms);
+        // A node out of recovery besides the failed primary (one promoted after all, by a
+        // promotion that looked failed, or by hand) would be a second primary: none is made.
+        if let Some(stray) = self.topology.nodes.iter().enumerate().find(|(i, n)| {
+            *i != old && n.healthy && n.diagnosis.role == Role::Primary && !n.quarantined
+        }) {
+            return Err(NoNewPrimary::Failed(
+                FailoverResult::Refused,
+                format!(
+                    "{} is out of recovery but not the published primary: no standby is promoted, which would make two primaries",
+                    stray.1.name
+                ),
+            ));
+        }
         let standbys: Vec<usize> = (0..self.topology.nodes.len())
             .filter(|&i| {
                 let n = &self.topology.nodes[i];
@@ -618,7 +687,7 @@ impl Controller {
             } else {
                 rejected.join("; ")
             };
-            return Err((
+            return Err(NoNewPrimary::Failed(
                 FailoverResult::Refused,
                 format!("no candidate to promote: {detail}"),
             ));
@@ -637,13 +706,16 @@ impl Controller {
                 .map(|(_, n)| n.name.clone())
                 .collect();
             if self.last_sync_names.is_none() {
-                return Err((
+                return Err(NoNewPrimary::Failed(
                     FailoverResult::Refused,
                     "require_sync: the old primary's synchronous_standby_names is unknown (pgswitch never saw it healthy)".into(),
                 ));
             }
             if let Err(why) = sync_guarantee(self.last_sync_names.as_deref(), &reached, &all) {
-                return Err((FailoverResult::Refused, format!("require_sync: {why}")));
+                return Err(NoNewPrimary::Failed(
+                    FailoverResult::Refused,
+                    format!("require_sync: {why}"),
+                ));
             }
         }
         let summary: Vec<String> = candidates
@@ -661,30 +733,35 @@ impl Controller {
                         promote_started.elapsed().as_secs_f64(),
                     );
                     let old_name = self.topology.nodes[old].name.clone();
-                    self.publish_new_primary(i, &old_name)
-                        .await
-                        .map_err(|e| (FailoverResult::Failed, e))?;
+                    if let Err(e) = self.publish_new_primary(i, &old_name).await {
+                        // A primary now, unpublished: the others must not be promoted, nor
+                        // pointed back at the old primary.
+                        error!(node = %name, error = %e, "promoted but not published; nothing else is promoted until it is");
+                        return Err(NoNewPrimary::Unsettled {
+                            target: i,
+                            error: e,
+                            left_recovery: true,
+                        });
+                    }
                     info!(node = %name, timeline, epoch = self.state.epoch, "promoted and published");
                     self.repoint_standbys(i, old).await;
                     return Ok(i);
                 }
-                Err(PromoteError::NotPromoted(e) | PromoteError::StillInRecovery(e)) => {
-                    error!(node = %name, error = %e, "promotion failed; trying the next candidate");
+                Err(PromoteError::NotPromoted(e)) => {
+                    error!(node = %name, error = %e, "promotion failed before pg_promote; trying the next candidate");
                 }
-                Err(PromoteError::Unknown(e)) => {
-                    // Promoting another node could make two primaries: stop here. Nor is this
-                    // one pointed back at the old primary: it may be a primary now.
-                    if self.detached.remove(&i).is_some() {
-                        warn!(node = %name, "its promotion has an unknown outcome: it stays detached from the old primary");
-                    }
-                    return Err((
-                        FailoverResult::Failed,
-                        format!("promotion of {name} has an unknown outcome ({e}); no other node is promoted"),
-                    ));
+                Err(e @ (PromoteError::StillInRecovery(_) | PromoteError::Unknown(_))) => {
+                    // pg_promote was sent: promoting another node could make two primaries.
+                    error!(node = %name, error = %e, "promotion outcome unknown; no other node is promoted until this one is seen in or out of recovery");
+                    return Err(NoNewPrimary::Unsettled {
+                        target: i,
+                        error: e.to_string(),
+                        left_recovery: false,
+                    });
                 }
             }
         }
-        Err((
+        Err(NoNewPrimary::Failed(
             FailoverResult::Failed,
             "every candidate failed to promote".into(),
         ))
@@ -1138,13 +1215,16 @@ impl Controller {
             }
             Err(SwitchoverError::AtPromotion(e)) => {
                 error!(from = %old_name, to = %to, error = %e, "switchover failed at or after the promotion; {old_name} stays read-only until {to} is found in or out of recovery");
-                self.pending_switchover = Some(PendingSwitchover {
+                self.pending_promotion = Some(PendingPromotion {
+                    mode: FailoverMode::Switchover,
                     old,
                     target,
                     target_conninfo,
                     error: e.clone(),
+                    left_recovery: false,
+                    started,
                 });
-                match self.settle_switchover(PROMOTION_SETTLE).await {
+                match self.settle_promotion(PROMOTION_SETTLE).await {
                     Settled::Undone => Err(format!(
                         "{e}; {to} is still in recovery: {old_name} keeps serving"
                     )),
@@ -1193,11 +1273,12 @@ impl Controller {
         self.topology.reason = None;
     }
 
-    /// Settles a switchover whose target may have been promoted, by asking the target (for up
-    /// to `settle`, so a promotion under way is seen): still in recovery, it is undone; out of
-    /// recovery, the target is published; no answer, it stays pending with nothing routed.
-    async fn settle_switchover(&mut self, settle: Duration) -> Settled {
-        let Some(p) = self.pending_switchover.take() else {
+    /// Settles a switchover or failover whose target may have been promoted, by asking the
+    /// target (for up to `settle`, so a promotion under way is seen): still in recovery, it is
+    /// undone; out of recovery, the target is published (and the other standbys re-pointed at
+    /// it); no answer, or no publication, it stays pending with nothing routed.
+    async fn settle_promotion(&mut self, settle: Duration) -> Settled {
+        let Some(mut p) = self.pending_promotion.take() else {
             return Settled::Undone;
         };
         let old_name = self.topology.nodes[p.old].name.clone();
@@ -1220,34 +1301,76 @@ impl Controller {
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+        let what = match p.mode {
+            FailoverMode::Switchover => format!("switchover from {old_name} to {target_name}"),
+            FailoverMode::Automatic => format!("failover from {old_name} to {target_name}"),
+        };
+        // What holds while it is pending.
+        let meanwhile = match p.mode {
+            FailoverMode::Switchover => format!("{old_name} stays read-only and nothing is routed"),
+            FailoverMode::Automatic => format!(
+                "nothing is routed, no other node is promoted and no standby follows {old_name} again"
+            ),
+        };
         let reason = match in_recovery {
             Some(true) => {
-                info!(node = %target_name, "the switchover target is still in recovery: undoing the switchover");
-                self.undo_switchover(p.old, p.target, p.target_conninfo.as_deref())
-                    .await;
+                match p.mode {
+                    FailoverMode::Switchover => {
+                        info!(node = %target_name, "the switchover target is still in recovery: undoing the switchover");
+                        self.undo_switchover(p.old, p.target, p.target_conninfo.as_deref())
+                            .await;
+                    }
+                    FailoverMode::Automatic => {
+                        info!(node = %target_name, "the failover target is still in recovery: it was not promoted; the detached standbys follow the old primary again");
+                        if let Some(conninfo) = p.target_conninfo.take() {
+                            self.detached.insert(p.target, conninfo);
+                        }
+                        self.restore_detached().await;
+                        metrics::failover(FailoverMode::Automatic, FailoverResult::Failed);
+                        self.topology.primary = None;
+                        self.set_reason(Some(format!(
+                            "{what} failed: {target_name} is still in recovery after pg_promote ({}); the next failover attempt goes on",
+                            p.error
+                        )));
+                    }
+                }
                 return Settled::Undone;
             }
             Some(false) => {
-                self.after_promotion(p.target).await;
+                if !p.left_recovery {
+                    self.after_promotion(p.target).await;
+                    p.left_recovery = true;
+                }
                 match self.publish_new_primary(p.target, &old_name).await {
                     Ok(()) => {
-                        info!(from = %old_name, to = %target_name, epoch = self.state.epoch, "the switchover target left recovery: published as the primary");
+                        info!(from = %old_name, to = %target_name, epoch = self.state.epoch, "{what}: {target_name} left recovery and is published as the primary");
                         self.repoint_standbys(p.target, p.old).await;
+                        if p.mode == FailoverMode::Automatic {
+                            self.failover_done(p.old, p.target, p.started);
+                        }
                         return Settled::Finished;
                     }
-                    Err(e) => format!(
-                        "switchover from {old_name} to {target_name} failed after {target_name} left recovery: {e}; {old_name} stays read-only and nothing is routed until {target_name} is published (retried every cycle)"
-                    ),
+                    Err(e) => {
+                        let reason = format!(
+                            "{what} failed after {target_name} left recovery: {e}; {meanwhile} until {target_name} is published (retried every cycle)"
+                        );
+                        p.error = e;
+                        reason
+                    }
                 }
             }
+            None if p.left_recovery => format!(
+                "{what} failed after {target_name} left recovery ({}); {target_name} does not answer now: {meanwhile} until it answers and is published",
+                p.error
+            ),
             None => format!(
-                "switchover from {old_name} to {target_name} failed after pg_promote was sent ({}); {target_name} does not answer, so whether it left recovery is unknown: {old_name} stays read-only and nothing is routed until {target_name} answers",
+                "{what} failed after pg_promote was sent ({}); {target_name} does not answer, so whether it left recovery is unknown: {meanwhile} until {target_name} answers",
                 p.error
             ),
         };
         self.topology.primary = None;
         self.set_reason(Some(reason.clone()));
-        self.pending_switchover = Some(p);
+        self.pending_promotion = Some(p);
         Settled::Pending(reason)
     }
 

@@ -1,10 +1,12 @@
 //! Automatic failover and planned switchover against real PostgreSQL clusters and real faults
 //! (issue 4, "Done means"). Every test starts its own primary + standbys and an in-process
 //! pgswitch in front, runs a workload through it, injects a fault (SIGKILL, immediate stop,
-//! SIGSTOP, a cut network path, a lagging standby, too few synchronous standbys) and checks the
-//! invariants of DESIGN.md: a synced standby is promoted, no acknowledged write is lost, idle
-//! transaction-mode clients see no error, only in-flight transactions fail (08006/08007), the
-//! other standby follows the new primary, and the old primary is fenced and rejoined by the hook.
+//! SIGSTOP, a cut network path, a lagging standby, too few synchronous standbys, a promotion
+//! whose answer is lost or whose new epoch cannot be recorded) and checks the invariants of
+//! DESIGN.md: a synced standby is promoted, no acknowledged write is lost, idle transaction-mode
+//! clients see no error, only in-flight transactions fail (08006/08007), the other standby
+//! follows the new primary, never two primaries, and the old primary is fenced and rejoined by
+//! the hook.
 //!
 //! Every wait has a deadline (the machine is small and shared: poll, never assume a speed);
 //! every test prints what it measured. Run with
@@ -1259,9 +1261,81 @@ struct TcpRelay {
     port: u16,
     target: Arc<AtomicU16>,
     cut: Arc<AtomicBool>,
+    trip: Arc<Trip>,
     conns: Arc<Mutex<Vec<JoinHandle<()>>>>,
     accepted: Arc<AtomicUsize>,
     accept: JoinHandle<()>,
+}
+
+/// A statement that cuts the relay once the server has run it (see [`TcpRelay::cut_after`]).
+#[derive(Default)]
+struct Trip {
+    /// Text of the statement; taken when a client sends it.
+    pattern: Mutex<Option<Vec<u8>>>,
+    fired: AtomicBool,
+}
+
+/// The bytes of an extended-protocol Execute of the unnamed portal, all rows: the statement a
+/// client prepared (tokio-postgres sends Parse first, Bind + Execute after its answer) runs.
+const EXECUTE_UNNAMED: &[u8] = b"E\0\0\0\x09\0\0\0\0\0";
+
+fn holds(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Forwards one relayed connection. Once the client sent the trip's statement and its Execute
+/// (or a simple Query), the server's answer is swallowed: when it comes (the statement ran), or
+/// after 10 s, the relay is cut.
+async fn relay_connection(
+    mut client: TcpStream,
+    mut upstream: TcpStream,
+    trip: Arc<Trip>,
+    cut: Arc<AtomicBool>,
+) {
+    use tokio::io::AsyncWriteExt as _;
+    let (mut to_server, mut to_client) = (vec![0u8; 16384], vec![0u8; 16384]);
+    let mut armed = false;
+    let mut swallow_until: Option<Instant> = None;
+    loop {
+        let give_up = swallow_until.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+        tokio::select! {
+            r = client.read(&mut to_server), if swallow_until.is_none() => {
+                let n = match r {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                let chunk = &to_server[..n];
+                if upstream.write_all(chunk).await.is_err() {
+                    return;
+                }
+                if !armed {
+                    let mut pattern = trip.pattern.lock().unwrap();
+                    if pattern.as_deref().is_some_and(|p| holds(chunk, p)) {
+                        *pattern = None;
+                        armed = true;
+                    }
+                }
+                if armed && (holds(chunk, EXECUTE_UNNAMED) || chunk.first() == Some(&b'Q')) {
+                    swallow_until = Some(Instant::now() + Duration::from_secs(10));
+                }
+            }
+            r = upstream.read(&mut to_client) => {
+                let n = match r {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                if swallow_until.is_some() {
+                    break;
+                }
+                if client.write_all(&to_client[..n]).await.is_err() {
+                    return;
+                }
+            }
+            _ = tokio::time::sleep_until(give_up.into()), if swallow_until.is_some() => break,
+        }
+    }
+    cut.store(true, Ordering::SeqCst);
+    trip.fired.store(true, Ordering::SeqCst);
 }
 
 impl TcpRelay {
@@ -1270,11 +1344,17 @@ impl TcpRelay {
         let port = listener.local_addr().expect("relay addr").port();
         let target = Arc::new(AtomicU16::new(0));
         let cut = Arc::new(AtomicBool::new(false));
+        let trip = Arc::new(Trip::default());
         let conns: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
         let accepted = Arc::new(AtomicUsize::new(0));
         let accept = {
-            let (target, cut, conns, accepted) =
-                (target.clone(), cut.clone(), conns.clone(), accepted.clone());
+            let (target, cut, trip, conns, accepted) = (
+                target.clone(),
+                cut.clone(),
+                trip.clone(),
+                conns.clone(),
+                accepted.clone(),
+            );
             tokio::spawn(async move {
                 loop {
                     let Ok((mut sock, _)) = listener.accept().await else {
@@ -1293,11 +1373,10 @@ impl TcpRelay {
                         })
                     } else {
                         let port = target.load(Ordering::SeqCst);
+                        let (trip, cut) = (trip.clone(), cut.clone());
                         tokio::spawn(async move {
-                            if let Ok(mut upstream) = TcpStream::connect(("127.0.0.1", port)).await
-                            {
-                                let _ =
-                                    tokio::io::copy_bidirectional(&mut sock, &mut upstream).await;
+                            if let Ok(upstream) = TcpStream::connect(("127.0.0.1", port)).await {
+                                relay_connection(sock, upstream, trip, cut).await;
                             }
                         })
                     };
@@ -1311,10 +1390,22 @@ impl TcpRelay {
             port,
             target,
             cut,
+            trip,
             conns,
             accepted,
             accept,
         }
+    }
+
+    /// Once a client runs a statement containing `pattern`, the server runs it but its answer
+    /// never reaches the client: the relay is cut (new connections black-holed) when it comes.
+    fn cut_after(&self, pattern: &str) {
+        *self.trip.pattern.lock().unwrap() = Some(pattern.as_bytes().to_vec());
+    }
+
+    /// Whether a statement given to [`TcpRelay::cut_after`] ran and cut the relay.
+    fn tripped(&self) -> bool {
+        self.trip.fired.load(Ordering::SeqCst)
     }
 
     fn abort_all(&self) -> usize {
@@ -2231,11 +2322,15 @@ async fn a_failed_switchover_leaves_exactly_one_writable_primary_and_the_target_
         wait_all_healthy(env).await;
 
         // 2. pg_promote fails on n1 (its promote signal file cannot be created) after n1 was
-        //    detached from n0: n1 stays a standby and must follow n0 again.
+        //    detached from n0: n1 stays a standby and must follow n0 again. The blocker is a
+        //    dangling symbolic link: anything PostgreSQL can stat() at that path (a directory)
+        //    is a promote request at the next signal to its postmaster, such as the WAL
+        //    receiver's restart once n1 follows n0 again.
         let blocker = nodes[1].data_dir.join("promote");
-        std::fs::create_dir(&blocker).expect("a directory where pg_promote writes its file");
+        std::os::unix::fs::symlink(nodes[1].data_dir.join("no-such-dir/promote"), &blocker)
+            .expect("a dangling link where pg_promote writes its file");
         let (took, body) = failed_switchover_to(env, "n1").await;
-        std::fs::remove_dir(&blocker).expect("remove the promote blocker");
+        std::fs::remove_file(&blocker).expect("remove the promote blocker");
         println!(
             "[failed switchover] pg_promote: refused after {}: {body}",
             ms(took)
@@ -2286,6 +2381,310 @@ async fn a_failed_switchover_leaves_exactly_one_writable_primary_and_the_target_
         let recorded = std::fs::read_to_string(&state_file).expect("state file");
         assert!(recorded.contains("\"n1\""), "{recorded}");
         print_failover_metrics(env, "failed switchover").await;
+        panic_watch::assert_no_proxy_panics();
+    })
+    .await
+}
+
+// ---------------------------------------------------------------------------------------------
+// Automatic failovers whose promotion is not settled
+// ---------------------------------------------------------------------------------------------
+
+/// Automatic failovers counted with `result` in a /metrics scrape.
+fn automatic_failovers(scrape: &str, result: &str) -> f64 {
+    metric(
+        scrape,
+        &format!("pgswitch_failovers_total{{mode=\"automatic\",result=\"{result}\"}}"),
+    )
+    .unwrap_or(0.0)
+}
+
+/// The standby that left recovery after n0 died, and the other one.
+async fn promoted_and_other(nodes: &[PgNode]) -> (usize, usize) {
+    let out = out_of_recovery(&nodes[1..]).await;
+    assert_eq!(
+        out.len(),
+        1,
+        "exactly one standby must have left recovery: {out:?}"
+    );
+    let p = if out[0] == nodes[1].name { 1 } else { 2 };
+    (p, 3 - p)
+}
+
+/// For `cycles` diagnosis cycles after n0 died with `promoted` promoted but not published:
+/// nothing is routed, the epoch stays, `promoted` is the only node out of recovery, `other`
+/// stays detached (never promoted, never pointed back at n0), and the reason says `expect`.
+async fn assert_promotion_pending(
+    env: &TestEnv,
+    label: &str,
+    (promoted, other): (usize, usize),
+    expect: &str,
+    epoch0: u64,
+    cycles: usize,
+) {
+    let nodes = &env.cluster.nodes;
+    let started = Instant::now();
+    for _ in 0..cycles {
+        wait_cycles(env, 1).await;
+        let t = env.proxy.cluster.current();
+        assert_eq!(
+            t.primary.map(|i| t.nodes[i].name.clone()),
+            None,
+            "nothing may be routed while {} is not published (reason {:?})",
+            nodes[promoted].name,
+            t.reason
+        );
+        assert_eq!(t.epoch, epoch0, "the epoch changed (reason {:?})", t.reason);
+        let reason = t.reason.clone().unwrap_or_default();
+        assert!(
+            reason.contains(expect),
+            "the reason must say '{expect}': {reason:?}"
+        );
+        assert_eq!(
+            out_of_recovery(nodes).await,
+            vec![nodes[promoted].name.clone()],
+            "only {} may be out of recovery",
+            nodes[promoted].name
+        );
+        assert_eq!(
+            conninfo_of(&nodes[other]).await,
+            "",
+            "{} must stay detached: neither promoted nor pointed back at the dead n0",
+            nodes[other].name
+        );
+    }
+    println!(
+        "[{label}] {cycles} cycles in {}: nothing routed, only {} out of recovery, {} detached; reason: {}",
+        ms(started.elapsed()),
+        nodes[promoted].name,
+        nodes[other].name,
+        env.proxy.cluster.current().reason.unwrap_or_default()
+    );
+}
+
+/// Once the promoted node can be published: it is routed to at epoch + 1, a write held
+/// meanwhile runs on it, and the metrics count one successful automatic failover and no
+/// failed one.
+async fn assert_published_after_pending(
+    env: &TestEnv,
+    label: &str,
+    promoted: usize,
+    epoch0: u64,
+    scrape0: &str,
+    held: JoinHandle<Result<u64, String>>,
+) {
+    let nodes = &env.cluster.nodes;
+    let unblocked = Instant::now();
+    wait_routed_to(env, promoted).await;
+    let epoch = env.proxy.cluster.current().epoch;
+    assert_eq!(epoch, epoch0 + 1, "published at the next epoch");
+    let held = bounded("the held write", STEP, held)
+        .await
+        .expect("held write task");
+    assert_eq!(held, Ok(1), "the write held while nothing was routed");
+    assert!(
+        ids_on(&nodes[promoted]).await.contains(&100),
+        "the held write ran on {}",
+        nodes[promoted].name
+    );
+    write_lands_on(env, &nodes[promoted], 101).await;
+    let scrape = admin(env, Method::GET, "/metrics", None).await.body;
+    let success = automatic_failovers(&scrape, "success") - automatic_failovers(scrape0, "success");
+    let failed = automatic_failovers(&scrape, "failed") - automatic_failovers(scrape0, "failed");
+    println!(
+        "[{label}] {} published at epoch {epoch} {} after the state file could be written; automatic failovers counted: {success} success, {failed} failed",
+        nodes[promoted].name,
+        ms(unblocked.elapsed())
+    );
+    assert_eq!(
+        (success, failed),
+        (1.0, 0.0),
+        "one failover, counted once, when it was published"
+    );
+}
+
+/// A write through pgswitch, sent now, that waits for a primary (id 100).
+fn held_write(env: &TestEnv) -> JoinHandle<Result<u64, String>> {
+    let port = env.port();
+    tokio::spawn(async move {
+        let client = connect_app(port).await.map_err(|e| e.1)?;
+        client
+            .execute(INSERT, &[&100i64])
+            .await
+            .map_err(|e| describe(&e).1)
+    })
+}
+
+/// n0 dies while the state file cannot be written (a directory where its temporary copy
+/// goes): the standby pgswitch promotes is a primary that cannot be published. Nothing is
+/// routed, the other standby is neither promoted nor pointed back at the dead n0, over several
+/// cycles; once the state file can be written the promoted node is published (epoch + 1),
+/// takes writes through pgswitch, and the other standby streams from it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_promoted_standby_whose_epoch_cannot_be_recorded_is_published_later_and_never_joined_by_a_second_primary(
+) {
+    bounded("test", TEST_LIMIT, async {
+        panic_watch::install();
+        let mut state_file = std::path::PathBuf::new();
+        let env = TestEnv::start(ClusterSpec::default(), |c| {
+            failover_config(c);
+            c.failover.rejoin_command = String::new();
+            state_file = c.coordination.state_file.clone();
+        })
+        .await;
+        let env = &env;
+        create_table(env).await;
+        wait_all_healthy(env).await;
+        let nodes = env.cluster.nodes.clone();
+        write_lands_on(env, &nodes[0], 1).await;
+        let epoch0 = env.proxy.cluster.current().epoch;
+        let scrape0 = admin(env, Method::GET, "/metrics", None).await.body;
+
+        let tmp = state_file.with_extension("tmp");
+        std::fs::create_dir(&tmp).expect("a directory where the state file is written");
+        let n0 = nodes[0].clone();
+        let killed = Instant::now();
+        blocking("kill n0", move || n0.kill9()).await;
+        let reason = wait_for_reason(
+            env,
+            "the promoted standby cannot be published",
+            "cannot record the new epoch",
+        )
+        .await;
+        println!(
+            "[unpublished] {} after the kill: {reason}",
+            ms(killed.elapsed())
+        );
+        let pair = promoted_and_other(&nodes).await;
+        assert_promotion_pending(
+            env,
+            "unpublished",
+            pair,
+            "cannot record the new epoch",
+            epoch0,
+            4,
+        )
+        .await;
+        assert_status_explains(env, "unpublished", "cannot record the new epoch").await;
+
+        let held = held_write(env);
+        std::fs::remove_dir(&tmp).expect("remove the state file blocker");
+        assert_published_after_pending(env, "unpublished", pair.0, epoch0, &scrape0, held).await;
+        let (new, other) = (&nodes[pair.0], &nodes[pair.1]);
+        let streams = wait_streams_from(other, new, Duration::from_secs(60)).await;
+        println!(
+            "[unpublished] {} streams from {} ({} after the check began)",
+            other.name,
+            new.name,
+            ms(streams)
+        );
+        assert_eq!(out_of_recovery(&nodes).await, vec![new.name.clone()]);
+        let recorded = std::fs::read_to_string(&state_file).expect("state file");
+        assert!(
+            recorded.contains(&format!("\"{}\"", new.name)),
+            "{recorded}"
+        );
+        panic_watch::assert_no_proxy_panics();
+    })
+    .await
+}
+
+/// pg_promote reaches the standby pgswitch chose, but its answer never comes back and the
+/// standby stops answering (the path to it is cut once it ran pg_promote): whether it was
+/// promoted is unknown. Nothing is routed and the other standby is neither promoted nor pointed
+/// back at the dead n0 over several cycles. When the standby answers again (out of recovery)
+/// while the state file cannot be written, that stays so; once it can, the standby is published
+/// (epoch + 1), takes writes, and the other standby streams from it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_promotion_with_an_unknown_outcome_blocks_every_other_promotion_until_the_node_answers() {
+    bounded("test", TEST_LIMIT, async {
+        panic_watch::install();
+        // pgswitch reaches each standby through a relay the test can cut.
+        let relays = [TcpRelay::start().await, TcpRelay::start().await];
+        let mut state_file = std::path::PathBuf::new();
+        let env = TestEnv::start(ClusterSpec::default(), |c| {
+            failover_config(c);
+            c.failover.rejoin_command = String::new();
+            state_file = c.coordination.state_file.clone();
+            for (relay, node) in relays.iter().zip(&mut c.nodes[1..]) {
+                relay.target.store(node.port, Ordering::SeqCst);
+                node.port = relay.port;
+            }
+        })
+        .await;
+        let env = &env;
+        create_table(env).await;
+        wait_all_healthy(env).await;
+        let nodes = env.cluster.nodes.clone();
+        write_lands_on(env, &nodes[0], 1).await;
+        let epoch0 = env.proxy.cluster.current().epoch;
+        let scrape0 = admin(env, Method::GET, "/metrics", None).await.body;
+
+        for relay in &relays {
+            relay.cut_after("pg_promote(");
+        }
+        let n0 = nodes[0].clone();
+        let killed = Instant::now();
+        blocking("kill n0", move || n0.kill9()).await;
+        let relays = &relays;
+        let p = wait_for(
+            "pg_promote reaches a standby and its answer is cut off",
+            Duration::from_secs(60),
+            || async move {
+                match relays.iter().position(TcpRelay::tripped) {
+                    Some(r) => Ok(r + 1),
+                    None => Err(format!("reason {:?}", env.proxy.cluster.current().reason)),
+                }
+            },
+        )
+        .await;
+        let pair = (p, 3 - p);
+        let (relay, other_relay) = (&relays[p - 1], &relays[2 - p]);
+        println!(
+            "[unknown] {} ran pg_promote {} after the kill; pgswitch's path to it is cut",
+            nodes[p].name,
+            ms(killed.elapsed())
+        );
+        let unknown = "whether it left recovery is unknown";
+        let reason = wait_for_reason(env, "the promotion's outcome is unknown", unknown).await;
+        println!("[unknown] reason: {reason}");
+        assert_eq!(promoted_and_other(&nodes).await, pair);
+        assert_promotion_pending(env, "unknown", pair, unknown, epoch0, 3).await;
+        assert_status_explains(env, "unknown", unknown).await;
+
+        // The standby answers again, out of recovery, but its epoch cannot be recorded yet.
+        let tmp = state_file.with_extension("tmp");
+        std::fs::create_dir(&tmp).expect("a directory where the state file is written");
+        relay.restore();
+        let unpublished = "cannot record the new epoch";
+        let reason =
+            wait_for_reason(env, "the standby answers but is not published", unpublished).await;
+        println!("[unknown] path restored: {reason}");
+        assert_promotion_pending(env, "unknown", pair, unpublished, epoch0, 2).await;
+
+        let held = held_write(env);
+        std::fs::remove_dir(&tmp).expect("remove the state file blocker");
+        assert_published_after_pending(env, "unknown", p, epoch0, &scrape0, held).await;
+        // The other standby follows the new primary, through the relay pgswitch knows it by.
+        let other = &nodes[pair.1];
+        let relay_port = relay.port;
+        wait_for(
+            &format!("{} streams from {}", other.name, nodes[p].name),
+            Duration::from_secs(60),
+            || async move {
+                match upstream_port(other).await? {
+                    Some(port) if port == relay_port => Ok(()),
+                    got => Err(format!("streams from {got:?}, want {relay_port}")),
+                }
+            },
+        )
+        .await;
+        assert!(
+            !other_relay.tripped(),
+            "pg_promote was sent to {}",
+            other.name
+        );
+        assert_eq!(out_of_recovery(&nodes).await, vec![nodes[p].name.clone()]);
         panic_watch::assert_no_proxy_panics();
     })
     .await
@@ -2471,7 +2870,9 @@ async fn session_mode_idle_clients_are_reattached_to_the_new_primary() {
         .await
         .expect("session-mode client connects");
         tokio::spawn(async move {
-            let _ = connection.await;
+            if let Err(e) = connection.await {
+                println!("[session] the idle client's connection ended: {:?}", describe(&e));
+            }
         });
         let stmt = client.prepare("SELECT $1::int").await.expect("prepare");
         client.query_one(&stmt, &[&1i32]).await.expect("run");
@@ -2488,6 +2889,10 @@ async fn session_mode_idle_clients_are_reattached_to_the_new_primary() {
             .execute("SET SESSION lock_timeout = 3000", &[])
             .await
             .expect("SET through Parse/Bind/Execute");
+        // One more round trip: pgswitch reads the parameters back after each transaction that
+        // set one, and serves the next query only after that, so from here on it knows them.
+        // (A server lost during that read-back closes the client with 08006 instead.)
+        client.simple_query("SELECT 1").await.expect("SELECT 1");
         let set_after_login = [
             ("search_path", "idle_schema, public"),
             ("statement_timeout", "7s"),
