@@ -693,9 +693,19 @@ impl Controller {
             ));
         }
         if self.config.failover.require_sync {
-            let reached: Vec<String> = standbys
+            // Only standbys that answered after the freeze count towards the proof: one that
+            // stopped answering since may be the one that holds a commit nobody else has.
+            let answered: Vec<(usize, u64)> = standbys
                 .iter()
-                .map(|&i| self.topology.nodes[i].name.clone())
+                .filter_map(|&i| {
+                    let n = &self.topology.nodes[i];
+                    let lsn = n.lsn_value().or(n.replay_lsn_value())?;
+                    (n.healthy && n.diagnosis.role == Role::Standby).then_some((i, lsn))
+                })
+                .collect();
+            let reached: Vec<String> = answered
+                .iter()
+                .map(|&(i, _)| self.topology.nodes[i].name.clone())
                 .collect();
             let all: Vec<String> = self
                 .topology
@@ -716,6 +726,27 @@ impl Controller {
                     FailoverResult::Refused,
                     format!("require_sync: {why}"),
                 ));
+            }
+            // One of those holds every acknowledged commit, but which one is not known: the
+            // new primary must have received at least as much as each of them. A candidate
+            // behind one that was rejected (another timeline, say) is not promoted.
+            if let Some(&(most, need)) = answered.iter().max_by_key(|&&(_, lsn)| lsn) {
+                let before = candidates.len();
+                candidates.retain(|&(_, lsn)| lsn >= need);
+                if candidates.is_empty() {
+                    return Err(NoNewPrimary::Failed(
+                        FailoverResult::Refused,
+                        format!(
+                            "require_sync: {} received the most WAL ({}) but is not a candidate ({}), and every candidate received less",
+                            self.topology.nodes[most].name,
+                            format_lsn(need),
+                            rejected.join("; ")
+                        ),
+                    ));
+                }
+                if candidates.len() < before {
+                    info!(lsn = %format_lsn(need), "require_sync: candidates that received less than every answering standby are not promoted");
+                }
             }
         }
         let summary: Vec<String> = candidates
