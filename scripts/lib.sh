@@ -151,9 +151,14 @@ ensure_jdbc() {
 }
 
 # A C compiler and linker: cargo needs one (ring, and linking itself).
+# gcc links Rust programs and builds the C in -sys crates; make builds jemalloc (the binary's
+# allocator, tikv-jemalloc-sys).
 ensure_c_toolchain() {
     if ! command -v cc >/dev/null 2>&1; then
         apt_install gcc libc6-dev
+    fi
+    if ! command -v make >/dev/null 2>&1; then
+        apt_install make
     fi
 }
 
