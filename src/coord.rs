@@ -20,6 +20,23 @@ pub struct ClusterState {
     /// Former primaries not yet rejoined as standbys: never routed to.
     #[serde(default)]
     pub quarantined: Vec<String>,
+    /// A node that may have been promoted but is not published (pg_promote sent and its
+    /// outcome unknown): a restarted pgswitch routes nothing and promotes no other node until
+    /// it is seen in or out of recovery.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending: Option<PendingNode>,
+}
+
+/// What a restarted pgswitch needs to settle a pending promotion.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingNode {
+    /// The node that may have been promoted.
+    pub node: String,
+    /// The primary it replaces.
+    pub old_primary: String,
+    /// A planned switchover (the old primary was made read-only), not an automatic failover.
+    #[serde(default)]
+    pub switchover: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -120,11 +137,42 @@ mod tests {
             epoch: 3,
             primary: Some("n1".into()),
             quarantined: vec!["n0".into()],
+            pending: None,
         };
         file.publish(&state).await.expect("written");
+        let text = std::fs::read_to_string(&path).expect("state file");
+        assert!(
+            !text.contains("pending"),
+            "no pending node, no field: {text}"
+        );
         assert_eq!(
             StateFile::new(&path).load().await.expect("read back"),
             state
+        );
+        let pending = ClusterState {
+            pending: Some(PendingNode {
+                node: "n2".into(),
+                old_primary: "n1".into(),
+                switchover: false,
+            }),
+            ..state.clone()
+        };
+        file.publish(&pending).await.expect("written");
+        assert_eq!(
+            StateFile::new(&path).load().await.expect("read back"),
+            pending
+        );
+        std::fs::write(&path, r#"{"epoch": 2, "primary": "n0"}"#).expect("old format");
+        assert_eq!(
+            StateFile::new(&path)
+                .load()
+                .await
+                .expect("an old state file loads"),
+            ClusterState {
+                epoch: 2,
+                primary: Some("n0".into()),
+                ..ClusterState::default()
+            }
         );
         std::fs::write(&path, "{not json").expect("corrupt");
         assert!(

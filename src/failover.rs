@@ -11,7 +11,8 @@
 //! A promotion that may have happened but is not published (pg_promote sent and its outcome
 //! unknown, or a promoted node whose new epoch cannot be recorded) is a [`PendingPromotion`]:
 //! until that node is seen in recovery or is published, nothing is routed, no other node is
-//! promoted and no standby is pointed back at the old primary.
+//! promoted and no standby is pointed back at the old primary. It is recorded in the cluster
+//! state (best effort), so a restarted pgswitch settles it before anything else.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -25,7 +26,7 @@ use crate::cluster::{
     column, format_lsn, lsn_column, ClusterView, ControlConn, NodeStatus, Role, Topology,
 };
 use crate::config::Config;
-use crate::coord::{ClusterState, Coordinator};
+use crate::coord::{ClusterState, Coordinator, PendingNode};
 use crate::metrics::{self, FailoverMode, FailoverPhase, FailoverResult};
 use crate::pool::Pools;
 
@@ -242,6 +243,32 @@ impl Controller {
         if self.state.epoch > 0 {
             info!(epoch = self.state.epoch, primary = ?self.state.primary, quarantined = ?self.state.quarantined, "cluster state loaded");
         }
+        if let Some(pending) = self.state.pending.clone() {
+            match (
+                self.topology.index_of(&pending.node),
+                self.topology.index_of(&pending.old_primary),
+            ) {
+                (Some(target), Some(old)) => {
+                    warn!(node = %pending.node, old_primary = %pending.old_primary, "the cluster state records a pending promotion: nothing is routed and no other node is promoted until {} is seen in or out of recovery", pending.node);
+                    self.pending_promotion = Some(PendingPromotion {
+                        mode: if pending.switchover {
+                            FailoverMode::Switchover
+                        } else {
+                            FailoverMode::Automatic
+                        },
+                        old,
+                        target,
+                        target_conninfo: None,
+                        error: "recorded as pending when pgswitch started".into(),
+                        left_recovery: false,
+                        started: Instant::now(),
+                    });
+                }
+                _ => {
+                    error!(node = %pending.node, old_primary = %pending.old_primary, "the cluster state records a pending promotion of a node not in the configuration; ignored");
+                }
+            }
+        }
         self.cycle().await;
         Ok(())
     }
@@ -445,6 +472,7 @@ impl Controller {
             epoch: self.state.epoch.max(1),
             primary: Some(name.clone()),
             quarantined: self.state.quarantined.clone(),
+            pending: None,
         };
         if let Err(e) = self.coord.publish(&next).await {
             self.set_reason(Some(format!("cannot record the primary: {e}")));
@@ -566,7 +594,7 @@ impl Controller {
                 // result is counted then).
                 self.last_attempt = Some(Instant::now());
                 let target_conninfo = self.detached.remove(&target);
-                self.pending_promotion = Some(PendingPromotion {
+                self.record_pending(Some(PendingPromotion {
                     mode: FailoverMode::Automatic,
                     old,
                     target,
@@ -574,7 +602,8 @@ impl Controller {
                     error,
                     left_recovery,
                     started,
-                });
+                }))
+                .await;
                 self.settle_promotion(PROMOTION_SETTLE).await;
             }
         }
@@ -906,6 +935,7 @@ impl Controller {
         }
         next.quarantined
             .retain(|q| Some(q) != next.primary.as_ref());
+        next.pending = None;
         self.coord
             .publish(&next)
             .await
@@ -1246,7 +1276,7 @@ impl Controller {
             }
             Err(SwitchoverError::AtPromotion(e)) => {
                 error!(from = %old_name, to = %to, error = %e, "switchover failed at or after the promotion; {old_name} stays read-only until {to} is found in or out of recovery");
-                self.pending_promotion = Some(PendingPromotion {
+                self.record_pending(Some(PendingPromotion {
                     mode: FailoverMode::Switchover,
                     old,
                     target,
@@ -1254,7 +1284,8 @@ impl Controller {
                     error: e.clone(),
                     left_recovery: false,
                     started,
-                });
+                }))
+                .await;
                 match self.settle_promotion(PROMOTION_SETTLE).await {
                     Settled::Undone => Err(format!(
                         "{e}; {to} is still in recovery: {old_name} keeps serving"
@@ -1365,6 +1396,7 @@ impl Controller {
                         )));
                     }
                 }
+                self.record_pending(None).await;
                 return Settled::Undone;
             }
             Some(false) => {
@@ -1403,6 +1435,21 @@ impl Controller {
         self.set_reason(Some(reason.clone()));
         self.pending_promotion = Some(p);
         Settled::Pending(reason)
+    }
+
+    /// Makes `p` (or no promotion) the pending one, in memory and in the cluster state, so a
+    /// restarted pgswitch settles it first. Recording is best effort: a failure is logged (a
+    /// pgswitch that cannot write its state file publishes nothing anyway).
+    async fn record_pending(&mut self, p: Option<PendingPromotion>) {
+        self.state.pending = p.as_ref().map(|p| PendingNode {
+            node: self.topology.nodes[p.target].name.clone(),
+            old_primary: self.topology.nodes[p.old].name.clone(),
+            switchover: p.mode == FailoverMode::Switchover,
+        });
+        self.pending_promotion = p;
+        if let Err(e) = self.coord.publish(&self.state).await {
+            error!(error = %e, pending = ?self.state.pending, "cannot record the pending promotion in the cluster state");
+        }
     }
 
     async fn switchover_steps(

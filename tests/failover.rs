@@ -2691,6 +2691,134 @@ async fn a_promotion_with_an_unknown_outcome_blocks_every_other_promotion_until_
     .await
 }
 
+/// As above, pg_promote reaches a standby and its answer never comes back; then pgswitch
+/// stops while that standby does not answer, and a second pgswitch starts from the same config
+/// and state file. The pending promotion was recorded there: the second pgswitch routes nothing
+/// and promotes no other node over several cycles, and publishes the standby (epoch + 1) once it
+/// answers, out of recovery.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_pgswitch_keeps_a_promotion_with_an_unknown_outcome_pending_until_the_node_answers(
+) {
+    bounded("test", TEST_LIMIT, async {
+        panic_watch::install();
+        let relays = [TcpRelay::start().await, TcpRelay::start().await];
+        let relays = &relays;
+        let tweak = |c: &mut Config| {
+            failover_config(c);
+            c.failover.rejoin_command = String::new();
+            for (relay, node) in relays.iter().zip(&mut c.nodes[1..]) {
+                relay.target.store(node.port, Ordering::SeqCst);
+                node.port = relay.port;
+            }
+        };
+        let first = TestEnv::start(ClusterSpec::default(), tweak).await;
+        let state_file = first.proxy.proxy.config().coordination.state_file.clone();
+        let nodes = first.cluster.nodes.clone();
+        let unknown = "whether it left recovery is unknown";
+        let (p, epoch0, scrape0) = {
+            let env = &first;
+            create_table(env).await;
+            wait_all_healthy(env).await;
+            write_lands_on(env, &nodes[0], 1).await;
+            let epoch0 = env.proxy.cluster.current().epoch;
+            let scrape0 = admin(env, Method::GET, "/metrics", None).await.body;
+            for relay in relays {
+                relay.cut_after("pg_promote(");
+            }
+            let n0 = nodes[0].clone();
+            let killed = Instant::now();
+            blocking("kill n0", move || n0.kill9()).await;
+            let p = wait_for(
+                "pg_promote reaches a standby and its answer is cut off",
+                Duration::from_secs(60),
+                || async move {
+                    match relays.iter().position(TcpRelay::tripped) {
+                        Some(r) => Ok(r + 1),
+                        None => Err(format!("reason {:?}", env.proxy.cluster.current().reason)),
+                    }
+                },
+            )
+            .await;
+            println!(
+                "[restart] {} ran pg_promote {} after the kill; pgswitch's path to it is cut",
+                nodes[p].name,
+                ms(killed.elapsed())
+            );
+            let reason = wait_for_reason(env, "the promotion's outcome is unknown", unknown).await;
+            println!("[restart] reason: {reason}");
+            assert_promotion_pending(env, "restart", (p, 3 - p), unknown, epoch0, 2).await;
+            (p, epoch0, scrape0)
+        };
+        let pair = (p, 3 - p);
+        let recorded = std::fs::read_to_string(&state_file).expect("state file");
+        println!("[restart] state file while pending: {recorded}");
+        assert!(
+            recorded.contains("\"pending\"")
+                && recorded.contains(&format!("\"{}\"", nodes[p].name)),
+            "the state file records {} as pending: {recorded}",
+            nodes[p].name
+        );
+
+        // pgswitch stops; a second one starts from the same config and state file while the
+        // promoted standby still does not answer.
+        let TestEnv { proxy, cluster } = first;
+        let restarted = Instant::now();
+        proxy.shutdown().await;
+        let second = pgswitch::server::start(common::config_for(&cluster, tweak))
+            .await
+            .expect("second pgswitch starts");
+        let env = &TestEnv {
+            proxy: second,
+            cluster,
+        };
+        let t = env.proxy.cluster.current();
+        println!(
+            "[restart] second pgswitch started in {}: epoch {} primary {:?} reason {:?}",
+            ms(restarted.elapsed()),
+            t.epoch,
+            t.primary.map(|i| t.nodes[i].name.clone()),
+            t.reason
+        );
+        assert_eq!(
+            t.primary, None,
+            "the second pgswitch routes nothing at once"
+        );
+        assert_promotion_pending(env, "restart", pair, unknown, epoch0, 3).await;
+        assert_status_explains(env, "restart", unknown).await;
+
+        let held = held_write(env);
+        let (relay, other_relay) = (&relays[p - 1], &relays[2 - p]);
+        relay.restore();
+        assert_published_after_pending(env, "restart", p, epoch0, &scrape0, held).await;
+        let other = &nodes[pair.1];
+        let relay_port = relay.port;
+        wait_for(
+            &format!("{} streams from {}", other.name, nodes[p].name),
+            Duration::from_secs(60),
+            || async move {
+                match upstream_port(other).await? {
+                    Some(port) if port == relay_port => Ok(()),
+                    got => Err(format!("streams from {got:?}, want {relay_port}")),
+                }
+            },
+        )
+        .await;
+        assert!(
+            !other_relay.tripped(),
+            "pg_promote was sent to {}",
+            other.name
+        );
+        assert_eq!(out_of_recovery(&nodes).await, vec![nodes[p].name.clone()]);
+        let recorded = std::fs::read_to_string(&state_file).expect("state file");
+        assert!(
+            !recorded.contains("\"pending\""),
+            "published: nothing pending any more: {recorded}"
+        );
+        panic_watch::assert_no_proxy_panics();
+    })
+    .await
+}
+
 // ---------------------------------------------------------------------------------------------
 // Fencing without a hook, and a restarted pgswitch
 // ---------------------------------------------------------------------------------------------
