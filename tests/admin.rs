@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{within, TestEnv};
+use common::{sample, within, TestEnv};
 use hyper::{Method, StatusCode};
 use pgswitch::admin::METRICS_CONTENT_TYPE;
 use pgswitch::harness::ClusterSpec;
@@ -122,17 +122,6 @@ async fn wait_for(
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-}
-
-/// The value of the series `series` (name and labels exactly as rendered) in a scrape.
-fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines().find_map(|l| {
-        l.strip_prefix(series)?
-            .strip_prefix(' ')?
-            .trim()
-            .parse()
-            .ok()
-    })
 }
 
 fn must_sample(text: &str, series: &str) -> f64 {

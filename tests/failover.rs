@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU16, AtomicUsize, Ordering}
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{within as bounded, TestEnv, PASSWORD, USER};
+use common::{sample, within as bounded, TestEnv, PASSWORD, USER};
 use hyper::{Method, StatusCode};
 use pgswitch::cluster::Role;
 use pgswitch::config::{Config, PoolMode};
@@ -713,17 +713,6 @@ fn reasons_in(v: &Value) -> Vec<String> {
 }
 
 /// Prints the failover metrics pgswitch exports (phase durations, results).
-/// The value of one series (name and labels exactly as rendered) in a scrape.
-fn metric(scrape: &str, series: &str) -> Option<f64> {
-    scrape.lines().find_map(|l| {
-        l.strip_prefix(series)?
-            .strip_prefix(' ')?
-            .trim()
-            .parse()
-            .ok()
-    })
-}
-
 async fn print_failover_metrics(env: &TestEnv, label: &str) {
     let answer = admin(env, Method::GET, "/metrics", None).await;
     println!("[{label}] failover metrics:");
@@ -1021,7 +1010,7 @@ async fn failover_scenario(label: &str, fault: Fault, sync: SyncMode, require_sy
     .await;
     // The first write on the new primary ended the failover's first_write phase.
     let scrape = admin(env, Method::GET, "/metrics", None).await.body;
-    let first_writes = metric(
+    let first_writes = sample(
         &scrape,
         "pgswitch_failover_phase_duration_seconds_count{phase=\"first_write\"}",
     );
@@ -2392,7 +2381,7 @@ async fn a_failed_switchover_leaves_exactly_one_writable_primary_and_the_target_
 
 /// Automatic failovers counted with `result` in a /metrics scrape.
 fn automatic_failovers(scrape: &str, result: &str) -> f64 {
-    metric(
+    sample(
         scrape,
         &format!("pgswitch_failovers_total{{mode=\"automatic\",result=\"{result}\"}}"),
     )
@@ -2590,6 +2579,84 @@ async fn a_promoted_standby_whose_epoch_cannot_be_recorded_is_published_later_an
     .await
 }
 
+/// The failover config with each standby reached through one of `relays`, so the test can cut
+/// pgswitch's path to it; no rejoin hook.
+fn standbys_behind_relays(c: &mut Config, relays: &[TcpRelay; 2]) {
+    failover_config(c);
+    c.failover.rejoin_command = String::new();
+    for (relay, node) in relays.iter().zip(&mut c.nodes[1..]) {
+        relay.target.store(node.port, Ordering::SeqCst);
+        node.port = relay.port;
+    }
+}
+
+/// Writes through pgswitch to n0, then kills n0 with every relay set to cut its standby's path
+/// once pg_promote went through. Returns the index of the standby pgswitch promoted, the epoch
+/// and a /metrics scrape from before the kill.
+async fn kill_primary_and_cut_the_promotion(
+    env: &TestEnv,
+    relays: &[TcpRelay; 2],
+    label: &str,
+) -> (usize, u64, String) {
+    let nodes = &env.cluster.nodes;
+    create_table(env).await;
+    wait_all_healthy(env).await;
+    write_lands_on(env, &nodes[0], 1).await;
+    let epoch0 = env.proxy.cluster.current().epoch;
+    let scrape0 = admin(env, Method::GET, "/metrics", None).await.body;
+    for relay in relays {
+        relay.cut_after("pg_promote(");
+    }
+    let n0 = nodes[0].clone();
+    let killed = Instant::now();
+    blocking("kill n0", move || n0.kill9()).await;
+    let p = wait_for(
+        "pg_promote reaches a standby and its answer is cut off",
+        Duration::from_secs(60),
+        || async move {
+            match relays.iter().position(TcpRelay::tripped) {
+                Some(r) => Ok(r + 1),
+                None => Err(format!("reason {:?}", env.proxy.cluster.current().reason)),
+            }
+        },
+    )
+    .await;
+    println!(
+        "[{label}] {} ran pg_promote {} after the kill; pgswitch's path to it is cut",
+        nodes[p].name,
+        ms(killed.elapsed())
+    );
+    (p, epoch0, scrape0)
+}
+
+/// After the pending standby `pair.0` was published: the other one streams from it (through the
+/// relay pgswitch knows it by), never got pg_promote, and only `pair.0` is out of recovery.
+async fn assert_the_other_follows_through_its_relay(
+    nodes: &[PgNode],
+    relays: &[TcpRelay; 2],
+    pair: (usize, usize),
+) {
+    let (p, other) = (pair.0, &nodes[pair.1]);
+    let relay_port = relays[p - 1].port;
+    wait_for(
+        &format!("{} streams from {}", other.name, nodes[p].name),
+        Duration::from_secs(60),
+        || async move {
+            match upstream_port(other).await? {
+                Some(port) if port == relay_port => Ok(()),
+                got => Err(format!("streams from {got:?}, want {relay_port}")),
+            }
+        },
+    )
+    .await;
+    assert!(
+        !relays[pair.1 - 1].tripped(),
+        "pg_promote was sent to {}",
+        other.name
+    );
+    assert_eq!(out_of_recovery(nodes).await, vec![nodes[p].name.clone()]);
+}
+
 /// pg_promote reaches the standby pgswitch chose, but its answer never comes back and the
 /// standby stops answering (the path to it is cut once it ran pg_promote): whether it was
 /// promoted is unknown. Nothing is routed and the other standby is neither promoted nor pointed
@@ -2602,50 +2669,17 @@ async fn a_promotion_with_an_unknown_outcome_blocks_every_other_promotion_until_
         panic_watch::install();
         // pgswitch reaches each standby through a relay the test can cut.
         let relays = [TcpRelay::start().await, TcpRelay::start().await];
-        let mut state_file = std::path::PathBuf::new();
+        let relays = &relays;
         let env = TestEnv::start(ClusterSpec::default(), |c| {
-            failover_config(c);
-            c.failover.rejoin_command = String::new();
-            state_file = c.coordination.state_file.clone();
-            for (relay, node) in relays.iter().zip(&mut c.nodes[1..]) {
-                relay.target.store(node.port, Ordering::SeqCst);
-                node.port = relay.port;
-            }
+            standbys_behind_relays(c, relays)
         })
         .await;
         let env = &env;
-        create_table(env).await;
-        wait_all_healthy(env).await;
+        let state_file = env.proxy.proxy.config().coordination.state_file.clone();
         let nodes = env.cluster.nodes.clone();
-        write_lands_on(env, &nodes[0], 1).await;
-        let epoch0 = env.proxy.cluster.current().epoch;
-        let scrape0 = admin(env, Method::GET, "/metrics", None).await.body;
-
-        for relay in &relays {
-            relay.cut_after("pg_promote(");
-        }
-        let n0 = nodes[0].clone();
-        let killed = Instant::now();
-        blocking("kill n0", move || n0.kill9()).await;
-        let relays = &relays;
-        let p = wait_for(
-            "pg_promote reaches a standby and its answer is cut off",
-            Duration::from_secs(60),
-            || async move {
-                match relays.iter().position(TcpRelay::tripped) {
-                    Some(r) => Ok(r + 1),
-                    None => Err(format!("reason {:?}", env.proxy.cluster.current().reason)),
-                }
-            },
-        )
-        .await;
+        let (p, epoch0, scrape0) = kill_primary_and_cut_the_promotion(env, relays, "unknown").await;
         let pair = (p, 3 - p);
-        let (relay, other_relay) = (&relays[p - 1], &relays[2 - p]);
-        println!(
-            "[unknown] {} ran pg_promote {} after the kill; pgswitch's path to it is cut",
-            nodes[p].name,
-            ms(killed.elapsed())
-        );
+        let relay = &relays[p - 1];
         let unknown = "whether it left recovery is unknown";
         let reason = wait_for_reason(env, "the promotion's outcome is unknown", unknown).await;
         println!("[unknown] reason: {reason}");
@@ -2666,26 +2700,7 @@ async fn a_promotion_with_an_unknown_outcome_blocks_every_other_promotion_until_
         let held = held_write(env);
         std::fs::remove_dir(&tmp).expect("remove the state file blocker");
         assert_published_after_pending(env, "unknown", p, epoch0, &scrape0, held).await;
-        // The other standby follows the new primary, through the relay pgswitch knows it by.
-        let other = &nodes[pair.1];
-        let relay_port = relay.port;
-        wait_for(
-            &format!("{} streams from {}", other.name, nodes[p].name),
-            Duration::from_secs(60),
-            || async move {
-                match upstream_port(other).await? {
-                    Some(port) if port == relay_port => Ok(()),
-                    got => Err(format!("streams from {got:?}, want {relay_port}")),
-                }
-            },
-        )
-        .await;
-        assert!(
-            !other_relay.tripped(),
-            "pg_promote was sent to {}",
-            other.name
-        );
-        assert_eq!(out_of_recovery(&nodes).await, vec![nodes[p].name.clone()]);
+        assert_the_other_follows_through_its_relay(&nodes, relays, pair).await;
         panic_watch::assert_no_proxy_panics();
     })
     .await
@@ -2703,47 +2718,15 @@ async fn a_restarted_pgswitch_keeps_a_promotion_with_an_unknown_outcome_pending_
         panic_watch::install();
         let relays = [TcpRelay::start().await, TcpRelay::start().await];
         let relays = &relays;
-        let tweak = |c: &mut Config| {
-            failover_config(c);
-            c.failover.rejoin_command = String::new();
-            for (relay, node) in relays.iter().zip(&mut c.nodes[1..]) {
-                relay.target.store(node.port, Ordering::SeqCst);
-                node.port = relay.port;
-            }
-        };
+        let tweak = |c: &mut Config| standbys_behind_relays(c, relays);
         let first = TestEnv::start(ClusterSpec::default(), tweak).await;
         let state_file = first.proxy.proxy.config().coordination.state_file.clone();
         let nodes = first.cluster.nodes.clone();
         let unknown = "whether it left recovery is unknown";
         let (p, epoch0, scrape0) = {
             let env = &first;
-            create_table(env).await;
-            wait_all_healthy(env).await;
-            write_lands_on(env, &nodes[0], 1).await;
-            let epoch0 = env.proxy.cluster.current().epoch;
-            let scrape0 = admin(env, Method::GET, "/metrics", None).await.body;
-            for relay in relays {
-                relay.cut_after("pg_promote(");
-            }
-            let n0 = nodes[0].clone();
-            let killed = Instant::now();
-            blocking("kill n0", move || n0.kill9()).await;
-            let p = wait_for(
-                "pg_promote reaches a standby and its answer is cut off",
-                Duration::from_secs(60),
-                || async move {
-                    match relays.iter().position(TcpRelay::tripped) {
-                        Some(r) => Ok(r + 1),
-                        None => Err(format!("reason {:?}", env.proxy.cluster.current().reason)),
-                    }
-                },
-            )
-            .await;
-            println!(
-                "[restart] {} ran pg_promote {} after the kill; pgswitch's path to it is cut",
-                nodes[p].name,
-                ms(killed.elapsed())
-            );
+            let (p, epoch0, scrape0) =
+                kill_primary_and_cut_the_promotion(env, relays, "restart").await;
             let reason = wait_for_reason(env, "the promotion's outcome is unknown", unknown).await;
             println!("[restart] reason: {reason}");
             assert_promotion_pending(env, "restart", (p, 3 - p), unknown, epoch0, 2).await;
@@ -2787,28 +2770,9 @@ async fn a_restarted_pgswitch_keeps_a_promotion_with_an_unknown_outcome_pending_
         assert_status_explains(env, "restart", unknown).await;
 
         let held = held_write(env);
-        let (relay, other_relay) = (&relays[p - 1], &relays[2 - p]);
-        relay.restore();
+        relays[p - 1].restore();
         assert_published_after_pending(env, "restart", p, epoch0, &scrape0, held).await;
-        let other = &nodes[pair.1];
-        let relay_port = relay.port;
-        wait_for(
-            &format!("{} streams from {}", other.name, nodes[p].name),
-            Duration::from_secs(60),
-            || async move {
-                match upstream_port(other).await? {
-                    Some(port) if port == relay_port => Ok(()),
-                    got => Err(format!("streams from {got:?}, want {relay_port}")),
-                }
-            },
-        )
-        .await;
-        assert!(
-            !other_relay.tripped(),
-            "pg_promote was sent to {}",
-            other.name
-        );
-        assert_eq!(out_of_recovery(&nodes).await, vec![nodes[p].name.clone()]);
+        assert_the_other_follows_through_its_relay(&nodes, relays, pair).await;
         let recorded = std::fs::read_to_string(&state_file).expect("state file");
         assert!(
             !recorded.contains("\"pending\""),
@@ -2906,12 +2870,12 @@ async fn an_old_primary_without_a_rejoin_hook_is_fenced_and_a_restarted_pgswitch
         );
         let scrape = admin(env, Method::GET, "/metrics", None).await.body;
         assert_eq!(
-            metric(&scrape, "pgswitch_node_quarantined{node=\"n0\"}"),
+            sample(&scrape, "pgswitch_node_quarantined{node=\"n0\"}"),
             Some(1.0),
             "the metrics show n0 quarantined"
         );
         assert_eq!(
-            metric(&scrape, "pgswitch_node_quarantined{node=\"n1\"}"),
+            sample(&scrape, "pgswitch_node_quarantined{node=\"n1\"}"),
             Some(0.0),
             "the metrics show n1 in service"
         );
