@@ -107,6 +107,12 @@ impl NodeStatus {
         parse_lsn(self.diagnosis.replay_lsn.as_deref()?)
     }
 
+    /// The WAL position a standby has received, or replayed when the received one is unknown:
+    /// how candidates for promotion are compared.
+    pub fn received_lsn(&self) -> Option<u64> {
+        self.lsn_value().or(self.replay_lsn_value())
+    }
+
     pub fn target(&self) -> ServerTarget {
         ServerTarget {
             node: Arc::from(self.name.as_str()),

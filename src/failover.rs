@@ -697,7 +697,7 @@ impl Controller {
                     continue;
                 }
             }
-            let lsn = n.lsn_value().or(n.replay_lsn_value()).unwrap_or(0);
+            let lsn = n.received_lsn().unwrap_or(0);
             let lag = reference.map_or(0, |p| p.saturating_sub(lsn));
             if lag > max_lag {
                 rejected.push(format!(
@@ -728,7 +728,7 @@ impl Controller {
                 .iter()
                 .filter_map(|&i| {
                     let n = &self.topology.nodes[i];
-                    let lsn = n.lsn_value().or(n.replay_lsn_value())?;
+                    let lsn = n.received_lsn()?;
                     (n.healthy && n.diagnosis.role == Role::Standby).then_some((i, lsn))
                 })
                 .collect();
@@ -831,8 +831,7 @@ impl Controller {
     /// recovery on a higher timeline, and checkpoints. Returns the new timeline.
     async fn promote(&mut self, i: usize, old_timeline: Option<u32>) -> Result<u32, PromoteError> {
         let config = self.config.clone();
-        let timeout =
-            Duration::from_millis(self.config.diagnosis.timeout_ms).max(Duration::from_secs(2));
+        let timeout = self.control_timeout();
         let conn = &mut self.conns[i];
         let deadline = Instant::now() + CATCH_UP;
         loop {
@@ -971,6 +970,12 @@ impl Controller {
         s
     }
 
+    /// How long a control statement outside diagnosis (re-pointing, fencing, settling a
+    /// promotion) may take: the diagnosis timeout, at least 2 s.
+    fn control_timeout(&self) -> Duration {
+        Duration::from_millis(self.config.diagnosis.timeout_ms).max(Duration::from_secs(2))
+    }
+
     /// A standby's current `primary_conninfo`.
     async fn read_conninfo(&mut self, i: usize, timeout: Duration) -> Result<String, String> {
         let config = self.config.clone();
@@ -1013,8 +1018,7 @@ impl Controller {
         if self.detached.is_empty() {
             return;
         }
-        let timeout =
-            Duration::from_millis(self.config.diagnosis.timeout_ms).max(Duration::from_secs(2));
+        let timeout = self.control_timeout();
         let mut detached: Vec<(usize, String)> =
             self.detached.iter().map(|(i, c)| (*i, c.clone())).collect();
         detached.sort();
@@ -1047,8 +1051,7 @@ impl Controller {
     async fn repoint_standbys(&mut self, new: usize, old: usize) {
         let started = Instant::now();
         let config = self.config.clone();
-        let timeout =
-            Duration::from_millis(self.config.diagnosis.timeout_ms).max(Duration::from_secs(2));
+        let timeout = self.control_timeout();
         let primary = self.topology.nodes[new].clone();
         for i in 0..self.topology.nodes.len() {
             let n = &self.topology.nodes[i];
@@ -1102,8 +1105,7 @@ impl Controller {
         else {
             return;
         };
-        let timeout =
-            Duration::from_millis(self.config.diagnosis.timeout_ms).max(Duration::from_secs(2));
+        let timeout = self.control_timeout();
         let config = self.config.clone();
         for i in 0..self.topology.nodes.len() {
             let n = self.topology.nodes[i].clone();
@@ -1345,8 +1347,7 @@ impl Controller {
         };
         let old_name = self.topology.nodes[p.old].name.clone();
         let target_name = self.topology.nodes[p.target].name.clone();
-        let timeout =
-            Duration::from_millis(self.config.diagnosis.timeout_ms).max(Duration::from_secs(2));
+        let timeout = self.control_timeout();
         let deadline = Instant::now() + settle;
         let mut in_recovery = None;
         loop {
