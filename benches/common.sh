@@ -10,18 +10,19 @@
 #
 # Sourcing sets ROOT (the repository), PGBIN (PostgreSQL server binaries, default
 # /usr/lib/postgresql/15/bin), exports PGPASSWORD=secret (role app's password), sets the PIDs
-# PG_PID, PGB_PID, SW_PID to "" and the command prefix array AS_POSTGRES, and defines:
+# PG_PID, PGB_PID, SW_PID, FWD_PID to "" and the command prefix array AS_POSTGRES, and defines:
 #
 #   log MSG...               timestamped line on stderr
 #   require_root             exit unless root; raise the open-file limit
 #   apt_install PKG          apt-get install PKG quietly (apt-get update first if that fails)
-#   build_pgswitch           cargo build --release unless BENCH_SKIP_BUILD=1; sets PGSWITCH_BIN
+#   build_pgswitch [ARGS..]  cargo build --release (--bin pgswitch ARGS) unless BENCH_SKIP_BUILD=1;
+#                            sets PGSWITCH_BIN
 #   make_workdir NAME        WORK=/tmp/NAME.XXXXXX, readable by postgres, cd into it, and trap
 #                            EXIT with cleanup (INT and TERM exit 130, which runs it too)
-#   cleanup                  the EXIT trap: SIGTERM to pgswitch and PgBouncer (SW_PID, PGB_PID,
-#                            SIGKILL after PROXY_STOP_SECONDS), fast shutdown of PostgreSQL
+#   cleanup                  the EXIT trap: SIGTERM to pgswitch, PgBouncer and the forwarder
+#                            (SW_PID, PGB_PID, FWD_PID; SIGKILL after PROXY_STOP_SECONDS), fast shutdown of PostgreSQL
 #                            (PG_PID), remove $WORK unless BENCH_KEEP=1, exit with the script's status
-#   pick_free_ports          sets PG_PORT PGB_PORT SW_PORT SW_ADMIN_PORT
+#   pick_free_ports          sets PG_PORT PGB_PORT SW_PORT SW_ADMIN_PORT FWD_PORT
 #   as_postgres CMD...       run CMD as the postgres user
 #   start_postgres           initdb into $WORK/pg, start PostgreSQL on PG_PORT; sets PG_PID
 #   create_bench_db          role app, database bench, pgbench -i -s $SCALE
@@ -48,7 +49,7 @@
 PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 export PGPASSWORD=secret
-PG_PID="" PGB_PID="" SW_PID=""
+PG_PID="" PGB_PID="" SW_PID="" FWD_PID=""
 
 # setpriv execs the command, so $! of a backgrounded "${AS_POSTGRES[@]}" cmd & is cmd's own PID.
 AS_POSTGRES=(setpriv --reuid=postgres --regid=postgres --init-groups --)
@@ -68,10 +69,10 @@ apt_install() { # package
         { apt-get update >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y "$1" >/dev/null; }
 }
 
-build_pgswitch() {
+build_pgswitch() { # [cargo build arguments for more targets, e.g. --example forward]
     if [ "${BENCH_SKIP_BUILD:-0}" != 1 ]; then
         log "cargo build --release"
-        (cd "$ROOT" && cargo build --release --bin pgswitch >&2)
+        (cd "$ROOT" && cargo build --release --bin pgswitch "$@" >&2)
     fi
     PGSWITCH_BIN=$ROOT/target/release/pgswitch
     [ -x "$PGSWITCH_BIN" ] || { echo "no $PGSWITCH_BIN" >&2; exit 1; }
@@ -87,10 +88,10 @@ make_workdir() { # name
 }
 
 pick_free_ports() {
-    read -r PG_PORT PGB_PORT SW_PORT SW_ADMIN_PORT < <(python3 - <<'EOF'
+    read -r PG_PORT PGB_PORT SW_PORT SW_ADMIN_PORT FWD_PORT < <(python3 - <<'EOF'
 import socket
 socks = []
-for _ in range(4):
+for _ in range(5):
     s = socket.socket(); s.bind(("127.0.0.1", 0)); socks.append(s)
 print(*[s.getsockname()[1] for s in socks])
 EOF
@@ -113,7 +114,7 @@ stop_pids() { # signal seconds pid...: never fails
 cleanup() { # the EXIT trap
     local rc=$?
     set +e
-    stop_pids TERM "${PROXY_STOP_SECONDS:-5}" "$SW_PID" "$PGB_PID"
+    stop_pids TERM "${PROXY_STOP_SECONDS:-5}" "$SW_PID" "$PGB_PID" "$FWD_PID"
     stop_pids INT 10 "$PG_PID" # SIGINT: PostgreSQL's fast shutdown
     if [ "${BENCH_KEEP:-0}" = 1 ]; then
         log "kept $WORK"

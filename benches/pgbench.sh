@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# pgbench: direct PostgreSQL (A) vs PgBouncer (B) vs pgswitch (C), transaction pooling.
+# pgbench: direct PostgreSQL (A) vs the floor forwarder (F) vs PgBouncer (B) vs pgswitch (C),
+# transaction pooling.
 #
 #   bash benches/pgbench.sh                      # default: 10 s per run, ~10 minutes
 #   BENCH_SECONDS=3 bash benches/pgbench.sh      # ~3.5 minutes (48 pgbench runs + idle test)
@@ -7,7 +8,7 @@
 #
 # Environment (all optional):
 #   BENCH_SECONDS       duration of each pgbench run (-T), default 10
-#   BENCH_ROUNDS        interleaved rounds A B C A B C ..., default 3
+#   BENCH_ROUNDS        interleaved rounds A F B C A F B C ..., default 3
 #   BENCH_CLIENTS       client counts, default "10 100"
 #   BENCH_MODES         pgbench -M modes, default "simple extended prepared"
 #   BENCH_POOL_SIZE     server pool size of both proxies, default 20
@@ -16,7 +17,10 @@
 #   BENCH_WORKERS       pgswitch worker threads (config key workers), default 1, like PgBouncer
 #   BENCH_SERVER_SOCKET=1  both proxies reach PostgreSQL over its Unix-domain socket (pgbench
 #                       still connects to all three over TCP)
-#   BENCH_SKIP_BUILD=1  use the existing target/release/pgswitch
+#   BENCH_FLOOR=0       skip the floor: examples/forward.rs, a 1:1 byte forwarder with no pooling
+#                       or parsing (one epoll thread; TCP to PostgreSQL, so skipped with
+#                       BENCH_SERVER_SOCKET=1), the most TPS a proxy reaches here without pooling
+#   BENCH_SKIP_BUILD=1  use the existing target/release/pgswitch (and examples/forward)
 #   BENCH_KEEP=1        keep the temporary directory (logs) after the run
 #
 # Needs root (it runs PostgreSQL and PgBouncer as the postgres user via setpriv), PostgreSQL 15
@@ -33,6 +37,8 @@ MODES=${BENCH_MODES:-"simple extended prepared"}
 POOL=${BENCH_POOL_SIZE:-20}
 SCALE=${BENCH_SCALE:-10}
 IDLE=${BENCH_IDLE_CLIENTS:-2000}
+FLOOR=${BENCH_FLOOR:-1}
+[ "${BENCH_SERVER_SOCKET:-0}" = 1 ] && FLOOR=0
 
 # shellcheck source=common.sh source-path=SCRIPTDIR
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
@@ -45,7 +51,9 @@ if ! python3 -c 'import psycopg' 2>/dev/null; then
     log "installing psycopg"
     python3 -m pip install -q "psycopg[binary]"
 fi
-build_pgswitch
+if [ "$FLOOR" = 1 ]; then build_pgswitch --example forward; else build_pgswitch; fi
+FORWARD_BIN=$ROOT/target/release/examples/forward
+[ "$FLOOR" = 0 ] || [ -x "$FORWARD_BIN" ] || { echo "no $FORWARD_BIN (cargo build --release --example forward)" >&2; exit 1; }
 
 # ---- temp dir, ports, cleanup -----------------------------------------------------------------
 make_workdir pgswitch-bench
@@ -58,6 +66,12 @@ create_bench_db
 start_proxies() { start_pgbouncer; start_pgswitch; }
 log "starting PgBouncer ($(pgbouncer --version | head -1)) on $PGB_PORT and pgswitch on $SW_PORT, both reaching PostgreSQL at $(server_host)"
 start_proxies
+if [ "$FLOOR" = 1 ]; then
+    "$FORWARD_BIN" "$FWD_PORT" "$PG_PORT" >"$WORK/forward.log" 2>&1 &
+    FWD_PID=$!
+    wait_sql "$FWD_PORT" forward "$FWD_PID"
+    log "floor forwarder on $FWD_PORT"
+fi
 CLK_TCK=$(getconf CLK_TCK)
 LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
 if awk -v l="${LOAD_START%% *}" 'BEGIN { exit !(l > 1.5) }'; then
@@ -164,6 +178,7 @@ for round in $(seq "$ROUNDS"); do
     for mode in $MODES; do
         for c in $CLIENTS; do
             run_one direct "$PG_PORT" "" "$mode" "$c" "$round"
+            [ "$FLOOR" = 0 ] || run_one floor "$FWD_PORT" "$FWD_PID" "$mode" "$c" "$round"
             run_one pgbouncer "$PGB_PORT" "$PGB_PID" "$mode" "$c" "$round"
             run_one pgswitch "$SW_PORT" "$SW_PID" "$mode" "$c" "$round"
         done
@@ -216,11 +231,14 @@ def f(v, fmt):
     return format("n/a" if v is None else format(v, fmt.lstrip(">")), f">{width}")
 
 print()
-print("pgbench -S, $SECS s per run, $ROUNDS rounds interleaved (direct, pgbouncer, pgswitch), median TPS;")
+print("pgbench -S, $SECS s per run, $ROUNDS rounds interleaved (direct, floor, pgbouncer, pgswitch), median TPS;")
 print("pool size $POOL on both proxies, transaction mode, scram-sha-256, -j 2, scale $SCALE;")
 print("load average before the runs: $LOAD_START (2 cores: above ~1.5 means other work shared the CPUs); after: $(cut -d' ' -f1-3 /proc/loadavg) (includes the benchmark)")
 print()
+floor = "$FLOOR" == "1"
 hdr = f"{'mode':<9} {'clients':>7} {'direct':>9} {'pgbouncer':>9} {'pgswitch':>9} {'sw/pgb':>7} {'sw/direct':>9} {'pgb_us/tx':>9} {'sw_us/tx':>9} {'pgb_user':>8} {'sw_user':>8}"
+if floor:
+    hdr += f" {'floor':>9} {'fl/direct':>9} {'sw/floor':>8} {'fl_us/tx':>8}"
 print(hdr); print("-" * len(hdr))
 for mode in "$MODES".split():
     for clients in [int(c) for c in "$CLIENTS".split()]:
@@ -229,11 +247,22 @@ for mode in "$MODES".split():
         ub, us = med(user, (mode, clients, "pgbouncer")), med(user, (mode, clients, "pgswitch"))
         r1 = s / b if s and b else None
         r2 = s / d if s and d else None
-        print(f"{mode:<9} {clients:>7} {f(d, '9.0f')} {f(b, '>9.0f')} {f(s, '>9.0f')} {f(r1, '>7.2f')} {f(r2, '>9.2f')} {f(cb, '>9.1f')} {f(cs, '>9.1f')} {f(ub, '>8.1f')} {f(us, '>8.1f')}")
+        row = f"{mode:<9} {clients:>7} {f(d, '9.0f')} {f(b, '>9.0f')} {f(s, '>9.0f')} {f(r1, '>7.2f')} {f(r2, '>9.2f')} {f(cb, '>9.1f')} {f(cs, '>9.1f')} {f(ub, '>8.1f')} {f(us, '>8.1f')}"
+        if floor:
+            fl, cf = med(tps, (mode, clients, "floor")), med(cpu, (mode, clients, "floor"))
+            r3 = fl / d if fl and d else None
+            r4 = s / fl if s and fl else None
+            row += f" {f(fl, '>9.0f')} {f(r3, '>9.2f')} {f(r4, '>8.2f')} {f(cf, '>8.1f')}"
+        print(row)
 print()
 print("us/tx = microseconds of proxy CPU (utime+stime, all threads) per transaction, median over rounds,")
 print("measured from pgbench's 1 s progress reports after the first one (connection setup excluded);")
 print("_user = its utime part alone (the proxy's own code; the rest is the kernel's socket work).")
+if floor:
+    print("floor = examples/forward.rs: each client gets its own PostgreSQL connection, bytes copied both ways")
+    print("by one epoll thread, no parsing: the two reads and two writes any proxy needs per transaction and")
+    print("nothing else. Without pooling it is the most a proxy reaches on this machine; pooling (100 clients")
+    print("over $POOL servers) is where a proxy can beat it.")
 if failed:
     print("failed (n/a): " + ", ".join(f"{t} -M {m} -c {c}" for m, c, t in sorted(failed)))
 idle = [l.strip() for l in open(sys.argv[2]) if l.strip()]
@@ -256,7 +285,7 @@ if [ -s "$WORK/stalls.txt" ]; then
 fi
 if [ -s "$WORK/failures.txt" ]; then
     echo
-    echo "pgswitch/direct failures:"
+    echo "failures (direct, floor, pgswitch):"
     cat "$WORK/failures.txt"
 fi
 if [ -s "$WORK/sw-warnings.txt" ]; then
