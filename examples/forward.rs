@@ -42,6 +42,7 @@ fn main() -> std::io::Result<()> {
     let mut sockets: Vec<Option<(TcpStream, i32)>> = Vec::new();
     let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 256];
     let mut buf = vec![0u8; 64 * 1024];
+    let mut closing = Vec::new();
     loop {
         // SAFETY: events has room for events.len() entries.
         let n = unsafe { libc::epoll_wait(epoll, events.as_mut_ptr(), events.len() as i32, -1) };
@@ -55,9 +56,19 @@ fn main() -> std::io::Result<()> {
         for event in &events[..n as usize] {
             let fd = event.u64 as i32;
             if fd == listener.as_raw_fd() {
-                let (client, _) = listener.accept()?;
-                let Ok(server) = TcpStream::connect((Ipv4Addr::LOCALHOST, server_port)) else {
-                    continue; // dropping client closes it
+                let client = match listener.accept() {
+                    Ok((client, _)) => client,
+                    Err(e) => {
+                        eprintln!("forward: accept: {e}");
+                        continue;
+                    }
+                };
+                let server = match TcpStream::connect((Ipv4Addr::LOCALHOST, server_port)) {
+                    Ok(server) => server,
+                    Err(e) => {
+                        eprintln!("forward: connect to port {server_port}: {e}");
+                        continue; // dropping client closes it
+                    }
                 };
                 client.set_nodelay(true)?;
                 server.set_nodelay(true)?;
@@ -83,10 +94,12 @@ fn main() -> std::io::Result<()> {
                     .and_then(Option::as_mut)
                     .is_some_and(|(other, _)| other.write_all(&buf[..read]).is_ok());
             if !written {
-                // Either side closed or failed: close both (dropping a socket removes it from epoll).
-                sockets[fd as usize] = None;
-                sockets[peer as usize] = None;
+                // Either side closed or failed: close both, after this batch, so that no fd is
+                // reused while events for it are still to be handled.
+                closing.extend(sockets[fd as usize].take());
+                closing.extend(sockets[peer as usize].take());
             }
         }
+        closing.clear(); // dropping a socket closes it and removes it from epoll
     }
 }
