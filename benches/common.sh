@@ -15,8 +15,9 @@
 #   log MSG...               timestamped line on stderr
 #   require_root             exit unless root; raise the open-file limit
 #   apt_install PKG          apt-get install PKG quietly (apt-get update first if that fails)
-#   build_pgswitch [ARGS..]  cargo build --release (--bin pgswitch ARGS) unless BENCH_SKIP_BUILD=1;
-#                            sets PGSWITCH_BIN
+#   build_pgswitch [ARGS..]  cargo build --release (--bin pgswitch ARGS) unless BENCH_SKIP_BUILD=1,
+#                            and with BENCH_PGO=1 scripts/build-pgo.sh too; sets PGSWITCH_BIN
+#                            (target/pgo/release/pgswitch with BENCH_PGO=1) and PGSWITCH_BUILD
 #   make_workdir NAME        WORK=/tmp/NAME.XXXXXX, readable by postgres, cd into it, and trap
 #                            EXIT with cleanup (INT and TERM exit 130, which runs it too)
 #   cleanup                  the EXIT trap: SIGTERM to pgswitch, PgBouncer and the forwarder
@@ -42,7 +43,7 @@
 #   SCALE                pgbench -i scale (create_bench_db)
 #   PROXY_START_SECONDS  how long a proxy may take to answer (wait_sql), default 30
 #   PROXY_STOP_SECONDS   how long a proxy may take to exit on SIGTERM at exit (cleanup), default 5
-# Environment read here: PGBIN, BENCH_SKIP_BUILD, BENCH_KEEP, BENCH_WORKERS (pgswitch's workers,
+# Environment read here: PGBIN, BENCH_SKIP_BUILD, BENCH_PGO, BENCH_KEEP, BENCH_WORKERS (pgswitch's workers,
 # default 1), BENCH_SERVER_SOCKET (1: both proxies reach PostgreSQL through its Unix-domain socket
 # in $WORK/pg instead of 127.0.0.1 TCP; clients always use TCP).
 
@@ -73,8 +74,18 @@ build_pgswitch() { # [cargo build arguments for more targets, e.g. --example for
     if [ "${BENCH_SKIP_BUILD:-0}" != 1 ]; then
         log "cargo build --release"
         (cd "$ROOT" && cargo build --release --bin pgswitch "$@" >&2)
+        if [ "${BENCH_PGO:-0}" = 1 ]; then
+            log "scripts/build-pgo.sh (profile-guided build, ~10 min)"
+            bash "$ROOT/scripts/build-pgo.sh" >&2
+        fi
     fi
-    PGSWITCH_BIN=$ROOT/target/release/pgswitch
+    if [ "${BENCH_PGO:-0}" = 1 ]; then
+        PGSWITCH_BIN=$ROOT/target/pgo/release/pgswitch
+        PGSWITCH_BUILD="target/pgo/release/pgswitch (scripts/build-pgo.sh, profile-guided)"
+    else
+        PGSWITCH_BIN=$ROOT/target/release/pgswitch
+        PGSWITCH_BUILD="target/release/pgswitch (cargo build --release)"
+    fi
     [ -x "$PGSWITCH_BIN" ] || { echo "no $PGSWITCH_BIN" >&2; exit 1; }
 }
 

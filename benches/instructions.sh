@@ -46,6 +46,7 @@
 #   BENCH_WORKERS       pgswitch worker threads (config key workers), default 1, like PgBouncer
 #   BENCH_SERVER_SOCKET=1  both proxies reach PostgreSQL over its Unix-domain socket
 #   BENCH_SKIP_BUILD=1  use the existing target/release/pgswitch
+#   BENCH_PGO=1         the profile-guided build, target/pgo/release/pgswitch (scripts/build-pgo.sh)
 #   BENCH_KEEP=1        keep the temporary directory (logs, callgrind dumps) after the run
 #
 # Run time: ~2 minutes with the defaults on 2 cores, about half of it PgBouncer's SCRAM logins
@@ -315,7 +316,7 @@ echo "pgbench -S through each proxy under callgrind: user-space instructions per
 echo "(Ir of a -t $((3 * TX)) run - Ir of a -t $TX run) / (2 x clients x $TX), median (min-max) of $REPEAT"
 echo "repetitions; epoll_wait/tx: event-loop wakeups per transaction (median), the main cause of the"
 echo "spread at several clients. Transaction mode, pool size $POOL, scram-sha-256, -j 2, scale $SCALE,"
-echo "pgswitch workers = ${BENCH_WORKERS:-1}."
+echo "pgswitch workers = ${BENCH_WORKERS:-1}; binary: $PGSWITCH_BUILD."
 echo
 python3 "$WORK/cg.py" report "$RESULTS" "$MODES" "$CLIENTS" "$TX" "$TOP" "$WORK/cg"
 

@@ -20,6 +20,8 @@
 #   BENCH_FLOOR=0       skip the floor: examples/forward.rs, a 1:1 byte forwarder with no pooling
 #                       or parsing (one epoll thread; TCP to PostgreSQL, so skipped with
 #                       BENCH_SERVER_SOCKET=1), the most TPS a proxy reaches here without pooling
+#   BENCH_PGO=1         run the profile-guided build, target/pgo/release/pgswitch (built first by
+#                       scripts/build-pgo.sh, ~10 min, unless BENCH_SKIP_BUILD=1)
 #   BENCH_SKIP_BUILD=1  use the existing target/release/pgswitch (and examples/forward)
 #   BENCH_KEEP=1        keep the temporary directory (logs) after the run
 #
@@ -233,6 +235,7 @@ def f(v, fmt):
 print()
 print("pgbench -S, $SECS s per run, $ROUNDS rounds interleaved (direct, floor, pgbouncer, pgswitch), median TPS;")
 print("pool size $POOL on both proxies, transaction mode, scram-sha-256, -j 2, scale $SCALE;")
+print("pgswitch: $PGSWITCH_BUILD;")
 print("load average before the runs: $LOAD_START (2 cores: above ~1.5 means other work shared the CPUs); after: $(cut -d' ' -f1-3 /proc/loadavg) (includes the benchmark)")
 print()
 floor = "$FLOOR" == "1"
