@@ -71,6 +71,7 @@ apt_install() { # package
 }
 
 build_pgswitch() { # [cargo build arguments for more targets, e.g. --example forward]
+    local how
     if [ "${BENCH_SKIP_BUILD:-0}" != 1 ]; then
         log "cargo build --release"
         (cd "$ROOT" && cargo build --release --bin pgswitch "$@" >&2)
@@ -82,11 +83,13 @@ build_pgswitch() { # [cargo build arguments for more targets, e.g. --example for
     if [ "${BENCH_PGO:-0}" = 1 ]; then
         PGSWITCH_BIN=$ROOT/target/pgo/release/pgswitch
         PGSWITCH_BUILD="target/pgo/release/pgswitch (scripts/build-pgo.sh, profile-guided)"
+        how="sudo bash scripts/build-pgo.sh"
     else
         PGSWITCH_BIN=$ROOT/target/release/pgswitch
         PGSWITCH_BUILD="target/release/pgswitch (cargo build --release)"
+        how="cargo build --release --bin pgswitch"
     fi
-    [ -x "$PGSWITCH_BIN" ] || { echo "no $PGSWITCH_BIN" >&2; exit 1; }
+    [ -x "$PGSWITCH_BIN" ] || { echo "no $PGSWITCH_BIN (build it with: $how)" >&2; exit 1; }
 }
 
 # ---- temp dir and its exit trap, ports, stopping ----------------------------------------------
