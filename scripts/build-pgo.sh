@@ -24,7 +24,6 @@ set -euo pipefail
 
 TRAIN_SECONDS=${PGO_SECONDS:-4}
 POOL=20 SCALE=10
-BENCH_SKIP_BUILD=1 # common.sh's build_pgswitch is not used: the binaries are built here
 # shellcheck source=../benches/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/../benches/common.sh"
 
