@@ -649,7 +649,6 @@ impl Controller {
         // Freeze: no standby follows the old primary any more, so LSNs stop moving. What each
         // followed is kept first, so a failover that ends without a new primary can undo this.
         for &i in &standbys {
-            let config = self.config.clone();
             if !self.detached.contains_key(&i) {
                 // A standby still detached by an earlier attempt keeps the value it had before.
                 match self.read_conninfo(i, timeout).await {
@@ -662,9 +661,7 @@ impl Controller {
                     }
                 }
             }
-            let sql = "ALTER SYSTEM SET primary_conninfo = ''; SELECT pg_reload_conf(); \
-                       SELECT pg_wal_replay_resume() WHERE pg_is_wal_replay_paused();";
-            if let Err(e) = self.conns[i].execute(&config, sql, timeout).await {
+            if let Err(e) = self.detach(i, timeout).await {
                 warn!(node = %self.topology.nodes[i].name, error = %e, "cannot detach standby from the old primary");
             }
         }
@@ -998,6 +995,16 @@ impl Controller {
             quote_literal(conninfo)
         );
         self.conns[i].execute(&config, &sql, timeout).await
+    }
+
+    /// Detaches a standby from whatever it follows (empty `primary_conninfo`, reloaded), so
+    /// its received LSN stops moving, and resumes replay if it was paused, so it can replay
+    /// all it received.
+    async fn detach(&mut self, i: usize, timeout: Duration) -> Result<(), String> {
+        let config = self.config.clone();
+        let sql = "ALTER SYSTEM SET primary_conninfo = ''; SELECT pg_reload_conf(); \
+                   SELECT pg_wal_replay_resume() WHERE pg_is_wal_replay_paused();";
+        self.conns[i].execute(&config, sql, timeout).await
     }
 
     /// Whether node `i` is in recovery; `None` when it does not answer.
@@ -1525,12 +1532,7 @@ impl Controller {
                 .await
                 .map_err(BeforePromotion)?,
         );
-        self.conns[target]
-            .execute(
-                &config,
-                "ALTER SYSTEM SET primary_conninfo = ''; SELECT pg_reload_conf();",
-                timeout,
-            )
+        self.detach(target, timeout)
             .await
             .map_err(BeforePromotion)?;
         match self.promote(target, old_timeline).await {
