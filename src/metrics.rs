@@ -509,6 +509,18 @@ pub fn render() -> String {
     text
 }
 
+/// The value of the series `series` (name and labels exactly as rendered, labels in order) in
+/// a rendered scrape such as [`render`]'s: for tests and scripts that read `/metrics`.
+pub fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
 /// Folds histogram samples into their buckets; run it periodically so memory stays bounded
 /// when nobody scrapes (the admin server does, every few seconds).
 pub fn run_upkeep() {
@@ -1100,24 +1112,13 @@ mod tests {
         assert_eq!(node_lag(&no_primary, 1), (None, None));
     }
 
-    /// The value of the series `name{labels}` (labels as rendered, in order) in `text`.
-    fn value(text: &str, series: &str) -> Option<f64> {
-        text.lines().find_map(|l| {
-            l.strip_prefix(series)?
-                .strip_prefix(' ')?
-                .trim()
-                .parse()
-                .ok()
-        })
-    }
-
     #[test]
     fn recording_functions_show_up_in_the_rendered_text() {
         install();
         let _ = install(); // twice is fine
         let pool = "unit_user/unit_db";
         let before = render();
-        let opened = value(&before, CLIENT_CONNECTIONS_OPENED).unwrap_or(0.0);
+        let opened = sample(&before, CLIENT_CONNECTIONS_OPENED).unwrap_or(0.0);
         client_connected();
         client_disconnected();
         client_login_failed(LoginFailure::Auth);
@@ -1146,7 +1147,7 @@ mod tests {
         run_upkeep();
         let text = render();
 
-        assert!(value(&text, CLIENT_CONNECTIONS_OPENED).unwrap_or(0.0) >= opened + 1.0);
+        assert!(sample(&text, CLIENT_CONNECTIONS_OPENED).unwrap_or(0.0) >= opened + 1.0);
         assert!(
             text.contains(&format!("# TYPE {QUERY_DURATION} histogram")),
             "{text}"
@@ -1156,7 +1157,7 @@ mod tests {
             "{text}"
         );
         assert!(
-            value(&text, &format!("{QUERY_DURATION}_count{{pool=\"{pool}\"}}")).unwrap_or(0.0)
+            sample(&text, &format!("{QUERY_DURATION}_count{{pool=\"{pool}\"}}")).unwrap_or(0.0)
                 >= 2.0,
             "{text}"
         );
@@ -1167,7 +1168,7 @@ mod tests {
             "{text}"
         );
         assert!(
-            value(
+            sample(
                 &text,
                 &format!("{TRANSACTION_DURATION}_count{{pool=\"{pool}\"}}")
             )
@@ -1175,10 +1176,10 @@ mod tests {
                 >= 2.0
         );
         assert!(
-            value(&text, &format!("{POOL_WAIT}_count{{pool=\"{pool}\"}}")).unwrap_or(0.0) >= 2.0
+            sample(&text, &format!("{POOL_WAIT}_count{{pool=\"{pool}\"}}")).unwrap_or(0.0) >= 2.0
         );
         assert!(
-            value(
+            sample(
                 &text,
                 &format!("{RELAYED_BYTES}{{direction=\"server_to_client\"}}")
             )
@@ -1186,62 +1187,62 @@ mod tests {
                 >= 250.0
         );
         assert_eq!(
-            value(
+            sample(
                 &text,
                 &format!("{SERVER_CONNECTIONS_OPENED}{{node=\"unit_node\"}}")
             ),
             Some(1.0)
         );
         assert_eq!(
-            value(
+            sample(
                 &text,
                 &format!("{SESSION_STATE_HAZARDS}{{kind=\"advisory_lock\"}}")
             )
             .map(|v| v >= 1.0),
             Some(true)
         );
-        assert!(value(
+        assert!(sample(
             &text,
             &format!("{SESSION_STATE_HAZARDS}{{kind=\"listen\"}}")
         )
         .is_some());
         assert_eq!(
-            value(&text, &format!("{NODE_UP}{{node=\"unit_node\"}}")),
+            sample(&text, &format!("{NODE_UP}{{node=\"unit_node\"}}")),
             Some(1.0)
         );
         assert_eq!(
-            value(
+            sample(
                 &text,
                 &format!("{NODE_ROLE}{{node=\"unit_node\",role=\"standby\"}}")
             ),
             Some(1.0)
         );
         assert_eq!(
-            value(
+            sample(
                 &text,
                 &format!("{NODE_ROLE}{{node=\"unit_node\",role=\"primary\"}}")
             ),
             Some(0.0)
         );
         assert_eq!(
-            value(&text, &format!("{NODE_LAG}{{node=\"unit_node\"}}")),
+            sample(&text, &format!("{NODE_LAG}{{node=\"unit_node\"}}")),
             Some(4096.0)
         );
         assert!(
-            value(
+            sample(
                 &text,
                 &format!("{FAILOVERS}{{mode=\"automatic\",result=\"success\"}}")
             )
             .unwrap_or(0.0)
                 >= 1.0
         );
-        assert!(value(
+        assert!(sample(
             &text,
             &format!("{FAILOVERS}{{mode=\"switchover\",result=\"refused\"}}")
         )
         .is_some());
         assert!(
-            value(
+            sample(
                 &text,
                 &format!("{FAILOVER_PHASE_DURATION}_sum{{phase=\"promote\"}}")
             )
@@ -1249,7 +1250,7 @@ mod tests {
                 >= 1.25
         );
         assert!(
-            value(
+            sample(
                 &text,
                 &format!("{TRANSACTIONS_ABORTED_BY_FAILOVER}{{result=\"unknown\"}}")
             )
@@ -1257,7 +1258,8 @@ mod tests {
                 >= 1.0
         );
         assert!(
-            value(&text, &format!("{CONFIG_RELOADS}{{result=\"rejected\"}}")).unwrap_or(0.0) >= 1.0
+            sample(&text, &format!("{CONFIG_RELOADS}{{result=\"rejected\"}}")).unwrap_or(0.0)
+                >= 1.0
         );
         assert!(text.contains(&format!(
             "{BUILD_INFO}{{version=\"{}\"}} 1",

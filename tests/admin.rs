@@ -12,10 +12,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{sample, within, TestEnv};
+use common::{within, TestEnv};
 use hyper::{Method, StatusCode};
 use pgswitch::admin::METRICS_CONTENT_TYPE;
 use pgswitch::harness::ClusterSpec;
+use pgswitch::metrics::sample;
 use pgswitch::status::{request, AdminUrl, Answer};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};

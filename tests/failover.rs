@@ -24,11 +24,12 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU16, AtomicUsize, Ordering}
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{sample, within as bounded, TestEnv, PASSWORD, USER};
+use common::{within as bounded, TestEnv, PASSWORD, USER};
 use hyper::{Method, StatusCode};
 use pgswitch::cluster::Role;
 use pgswitch::config::{Config, PoolMode};
 use pgswitch::harness::{ClusterSpec, PgNode, SyncMode, SUPERUSER, SUPERUSER_PASSWORD};
+use pgswitch::metrics::sample;
 use pgswitch::status::{request, AdminUrl, Answer};
 use serde_json::Value;
 use tokio::io::AsyncReadExt as _;

@@ -112,17 +112,6 @@ impl TestEnv {
     }
 }
 
-/// The value of the series `series` (name and labels exactly as rendered) in a /metrics scrape.
-pub fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines().find_map(|l| {
-        l.strip_prefix(series)?
-            .strip_prefix(' ')?
-            .trim()
-            .parse()
-            .ok()
-    })
-}
-
 /// Connects with tokio-postgres to `dsn` (pgswitch's, from [`TestEnv::app_dsn`]) and drives the
 /// connection in a task of its own; usable from tasks that cannot borrow the `TestEnv`.
 pub async fn connect(dsn: &str) -> tokio_postgres::Client {
