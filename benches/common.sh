@@ -40,6 +40,7 @@
 #
 # The caller sets, before the functions that use them:
 #   POOL                 server pool size of both proxies (start_pgbouncer, start_pgswitch)
+#   POOL_MODE            pgswitch's pool_mode (start_pgswitch), default transaction
 #   SCALE                pgbench -i scale (create_bench_db)
 #   PROXY_START_SECONDS  how long a proxy may take to answer (wait_sql), default 30
 #   PROXY_STOP_SECONDS   how long a proxy may take to exit on SIGTERM at exit (cleanup), default 5
@@ -223,7 +224,7 @@ start_pgswitch() { # [wrapper command...]
     cat >"$WORK/pgswitch.toml" <<EOF
 listen = "127.0.0.1:$SW_PORT"
 admin_listen = "127.0.0.1:$SW_ADMIN_PORT"
-pool_mode = "transaction"
+pool_mode = "${POOL_MODE:-transaction}"
 workers = ${BENCH_WORKERS:-1}
 default_pool_size = $POOL
 max_client_connections = 10000

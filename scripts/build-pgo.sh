@@ -56,14 +56,7 @@ create_bench_db
 
 train() { # pool_mode clients
     log "training: pool_mode = $1"
-    start_pgswitch # writes $WORK/pgswitch.toml (transaction mode) and starts pgswitch
-    if [ "$1" != transaction ]; then
-        stop_pids TERM 30 "$SW_PID"
-        sed -i "s/^pool_mode = .*/pool_mode = \"$1\"/" "$WORK/pgswitch.toml"
-        NO_COLOR=1 "$PGSWITCH_BIN" run --config "$WORK/pgswitch.toml" >>"$WORK/pgswitch.log" 2>&1 &
-        SW_PID=$!
-        wait_sql "$SW_PORT" pgswitch "$SW_PID"
-    fi
+    POOL_MODE=$1 start_pgswitch
     local clients=$2 script mode c
     for script in -S ""; do
         for mode in simple extended prepared; do
