@@ -471,12 +471,39 @@ impl ControlConn {
         sql: &str,
         timeout: Duration,
     ) -> Result<tokio_postgres::Row, String> {
+        self.query_one_coded(config, sql, timeout)
+            .await
+            .map_err(|f| f.message)
+    }
+
+    /// [`ControlConn::query_one`], telling an error the server raised (with its SQLSTATE) from
+    /// no answer at all.
+    pub async fn query_one_coded(
+        &mut self,
+        config: &Config,
+        sql: &str,
+        timeout: Duration,
+    ) -> Result<tokio_postgres::Row, ControlFailure> {
         let result = async {
-            let client = self.client(config, timeout).await?;
-            client.query_one(sql, &[]).await.map_err(|e| describe(&e))
+            let client = self
+                .client(config, timeout)
+                .await
+                .map_err(ControlFailure::from)?;
+            client
+                .query_one(sql, &[])
+                .await
+                .map_err(|e| ControlFailure {
+                    sqlstate: e.as_db_error().map(|db| db.code().code().to_string()),
+                    message: describe(&e),
+                })
         };
-        let outcome = tokio::time::timeout(timeout, result).await;
-        self.settle(outcome, timeout)
+        let outcome = tokio::time::timeout(timeout, result)
+            .await
+            .unwrap_or_else(|_| Err(format!("no answer within {} ms", timeout.as_millis()).into()));
+        if outcome.is_err() {
+            self.client = None;
+        }
+        outcome
     }
 
     /// One diagnosis: role, timeline, LSNs, replication state. Both queries go in one simple
@@ -517,6 +544,23 @@ impl ControlConn {
             self.client = None;
         }
         r
+    }
+}
+
+/// A control request that failed: the server's SQLSTATE when the server itself raised the
+/// error, `None` when it did not answer (timeout, broken connection, no connection).
+#[derive(Debug, Clone)]
+pub struct ControlFailure {
+    pub sqlstate: Option<String>,
+    pub message: String,
+}
+
+impl From<String> for ControlFailure {
+    fn from(message: String) -> Self {
+        ControlFailure {
+            sqlstate: None,
+            message,
+        }
     }
 }
 

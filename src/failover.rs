@@ -74,10 +74,51 @@ impl SwitchoverHandle {
     }
 }
 
+/// Whether the node answers, in recovery, every 200 ms for `settle`.
+async fn stays_in_recovery(
+    conn: &mut ControlConn,
+    config: &Config,
+    timeout: Duration,
+    settle: Duration,
+) -> bool {
+    let deadline = Instant::now() + settle;
+    loop {
+        let in_recovery = conn
+            .query_one(config, "SELECT pg_is_in_recovery()", timeout)
+            .await
+            .and_then(|row| column::<bool>(&row, 0));
+        if !matches!(in_recovery, Ok(true)) {
+            return false;
+        }
+        if Instant::now() >= deadline {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Whether a failed `pg_promote` was refused before it wrote the promote signal file and
+/// signalled the postmaster, going by the SQLSTATE the server raised: not allowed to run it
+/// (42501, also a file that cannot be created for lack of permission) or a file error while
+/// creating the signal file (58P01 no such directory, 53100 disk full, 58030 I/O error).
+/// PostgreSQL raises nothing after the signal was sent: a promotion that does not finish in
+/// time answers `false`. A statement timeout or a terminated session (57xxx) may come after
+/// the signal, so it is never taken as a refusal; neither is no answer at all.
+fn refused_before_signal(f: &crate::cluster::ControlFailure) -> Option<&'static str> {
+    match f.sqlstate.as_deref()? {
+        "42501" => Some("insufficient privilege"),
+        "58P01" => Some("undefined file"),
+        "53100" => Some("disk full"),
+        "58030" => Some("I/O error"),
+        _ => None,
+    }
+}
+
 /// Why a promotion did not produce a primary.
 #[derive(Debug, thiserror::Error)]
 enum PromoteError {
-    /// The node is still a standby and pg_promote was not sent: another candidate may be tried.
+    /// The node is still a standby, and pg_promote was not sent or was refused before it could
+    /// act: another candidate may be tried.
     #[error("{0}")]
     NotPromoted(String),
     /// pg_promote was sent, yet the node still reports recovery: most likely not promoted
@@ -775,6 +816,7 @@ impl Controller {
                 }
             }
         }
+        let mut refusals = Vec::new();
         let summary: Vec<String> = candidates
             .iter()
             .map(|(i, lsn)| format!("{} at {}", self.topology.nodes[*i].name, format_lsn(*lsn)))
@@ -805,7 +847,8 @@ impl Controller {
                     return Ok(i);
                 }
                 Err(PromoteError::NotPromoted(e)) => {
-                    error!(node = %name, error = %e, "promotion failed before pg_promote; trying the next candidate");
+                    error!(node = %name, error = %e, "not promoted, and it cannot be promoted by this attempt later; trying the next candidate");
+                    refusals.push(format!("{name}: {e}"));
                 }
                 Err(e @ (PromoteError::StillInRecovery(_) | PromoteError::Unknown(_))) => {
                     // pg_promote was sent: promoting another node could make two primaries.
@@ -820,7 +863,10 @@ impl Controller {
         }
         Err(NoNewPrimary::Failed(
             FailoverResult::Failed,
-            "every candidate failed to promote".into(),
+            format!(
+                "every candidate failed to promote ({})",
+                refusals.join("; ")
+            ),
         ))
     }
 
@@ -860,12 +906,42 @@ impl Controller {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let promoted = conn
-            .query_one(
+            .query_one_coded(
                 &config,
                 "SELECT pg_promote(true, 60)",
                 Duration::from_secs(65),
             )
             .await;
+        if let Err(refused) = &promoted {
+            if let Some(why) = refused_before_signal(refused) {
+                // Refused before it wrote the promote signal file: this call cannot promote
+                // the node later. A file left by an earlier call still could (the postmaster
+                // hands it to recovery at its next signal, and recovery removes it before it
+                // ends), so there must be none, and the node must stay in recovery for as long
+                // as a promotion under way is watched for.
+                let no_file = conn
+                    .query_one(
+                        &config,
+                        "SELECT pg_stat_file('promote', true) IS NULL",
+                        timeout,
+                    )
+                    .await
+                    .and_then(|row| column::<bool>(&row, 0));
+                let stays = match no_file {
+                    Ok(true) => stays_in_recovery(conn, &config, timeout, PROMOTION_SETTLE).await,
+                    _ => false,
+                };
+                if stays {
+                    return Err(PromoteError::NotPromoted(format!(
+                        "pg_promote failed ({why}: {}); no promote signal file was left, and the node is still in recovery after {} s",
+                        refused.message,
+                        PROMOTION_SETTLE.as_secs()
+                    )));
+                }
+                warn!(node = %conn.name(), error = %refused.message, no_promote_file = ?no_file, "pg_promote failed, but a promote signal file may be left, or the node left recovery");
+            }
+        }
+        let promoted = promoted.map_err(|f| f.message);
         // Whatever pg_promote answered, ask the node itself: a promotion that timed out may
         // still have happened, and then no other node may be promoted.
         let confirm = conn

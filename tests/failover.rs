@@ -2376,6 +2376,120 @@ async fn a_failed_switchover_leaves_exactly_one_writable_primary_and_the_target_
     .await
 }
 
+/// n0 dies and both standbys refuse pg_promote before it could act: their promote signal files
+/// cannot be created (a dangling symbolic link in the place of each, as in the switchover test
+/// above). A candidate that refused is still a standby with no promote request left, so one
+/// failover attempt goes on to the next candidate: both are asked (each one's log shows the
+/// refusal) and the attempt fails. Once the links are gone the next attempt promotes one, which
+/// is published at the next epoch and takes writes, and the other follows it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_candidate_that_refuses_pg_promote_is_passed_over_for_the_next_one() {
+    bounded("test", TEST_LIMIT, async {
+        panic_watch::install();
+        let env = TestEnv::start(ClusterSpec::default(), |c| {
+            failover_config(c);
+            c.failover.rejoin_command = String::new();
+        })
+        .await;
+        let env = &env;
+        let nodes = env.cluster.nodes.clone();
+        let (epoch0, scrape0) = first_write_on_n0(env).await;
+
+        let blockers: Vec<_> = nodes[1..]
+            .iter()
+            .map(|n| {
+                let blocker = n.data_dir.join("promote");
+                std::os::unix::fs::symlink(n.data_dir.join("no-such-dir/promote"), &blocker)
+                    .expect("a dangling link where pg_promote writes its file");
+                blocker
+            })
+            .collect();
+        let killed = Instant::now();
+        let n0 = nodes[0].clone();
+        blocking("kill n0", move || n0.kill9()).await;
+        let refusal = "could not create file \"promote\"";
+        let standbys = &nodes[1..];
+        wait_for(
+            "both standbys refuse pg_promote",
+            Duration::from_secs(90),
+            || async move {
+                let refused: Vec<&str> = standbys
+                    .iter()
+                    .filter(|n| n.log_tail(400).contains(refusal))
+                    .map(|n| n.name.as_str())
+                    .collect();
+                match refused.len() {
+                    2 => Ok(()),
+                    _ => Err(format!(
+                        "refused so far: {refused:?}; reason {:?}",
+                        env.proxy.cluster.current().reason
+                    )),
+                }
+            },
+        )
+        .await;
+        let asked = killed.elapsed();
+        let reason = wait_for_reason(
+            env,
+            "the attempt ends without a new primary",
+            "every candidate failed to promote",
+        )
+        .await;
+        let t = env.proxy.cluster.current();
+        assert_eq!(t.primary, None, "nothing is routed while no standby can be promoted");
+        assert_eq!(t.epoch, epoch0, "nothing was published");
+        assert_eq!(out_of_recovery(&nodes[1..]).await, Vec::<String>::new());
+        let failed_scrape = admin(env, Method::GET, "/metrics", None).await.body;
+        let failed = automatic_failovers(&failed_scrape, "failed") - automatic_failovers(&scrape0, "failed");
+        println!(
+            "[refused promote] both standbys refused pg_promote {} after the kill; failed attempts counted: {failed}; reason: {reason}",
+            ms(asked)
+        );
+
+        for blocker in &blockers {
+            std::fs::remove_file(blocker).expect("remove the promote blocker");
+        }
+        let unblocked = Instant::now();
+        let (p, other) = wait_for(
+            "a standby is promoted once pg_promote can act",
+            Duration::from_secs(60),
+            || async move {
+                let t = env.proxy.cluster.current();
+                match t.primary {
+                    Some(p) if p > 0 && t.nodes[p].healthy => Ok((p, 3 - p)),
+                    other => Err(format!("primary {other:?}, reason {:?}", t.reason)),
+                }
+            },
+        )
+        .await;
+        let took = unblocked.elapsed();
+        assert_eq!(promoted_and_other(&nodes).await, (p, other));
+        assert_eq!(
+            env.proxy.cluster.current().epoch,
+            epoch0 + 1,
+            "published at the next epoch"
+        );
+        write_lands_on(env, &nodes[p], 2).await;
+        let streams = wait_streams_from(&nodes[other], &nodes[p], Duration::from_secs(60)).await;
+        let scrape = admin(env, Method::GET, "/metrics", None).await.body;
+        let success = automatic_failovers(&scrape, "success") - automatic_failovers(&scrape0, "success");
+        println!(
+            "[refused promote] {} promoted and routed {} after the links were removed; {} streams from it {} later; successful failovers counted: {success}",
+            nodes[p].name,
+            ms(took),
+            nodes[other].name,
+            ms(streams)
+        );
+        // The counters are process-wide: another test of this binary may fail over meanwhile.
+        assert!(
+            failed >= 1.0 && success >= 1.0,
+            "the attempt in which both refused is counted as failed ({failed}), the next as a success ({success})"
+        );
+        panic_watch::assert_no_proxy_panics();
+    })
+    .await
+}
+
 // ---------------------------------------------------------------------------------------------
 // Automatic failovers whose promotion is not settled
 // ---------------------------------------------------------------------------------------------
@@ -2524,12 +2638,8 @@ async fn a_promoted_standby_whose_epoch_cannot_be_recorded_is_published_later_an
         })
         .await;
         let env = &env;
-        create_table(env).await;
-        wait_all_healthy(env).await;
         let nodes = env.cluster.nodes.clone();
-        write_lands_on(env, &nodes[0], 1).await;
-        let epoch0 = env.proxy.cluster.current().epoch;
-        let scrape0 = admin(env, Method::GET, "/metrics", None).await.body;
+        let (epoch0, scrape0) = first_write_on_n0(env).await;
 
         let tmp = state_file.with_extension("tmp");
         std::fs::create_dir(&tmp).expect("a directory where the state file is written");
@@ -2591,6 +2701,17 @@ fn standbys_behind_relays(c: &mut Config, relays: &[TcpRelay; 2]) {
     }
 }
 
+/// A table, every node healthy, id 1 written through pgswitch to n0: returns the epoch and a
+/// /metrics scrape from then, to compare against after a failover.
+async fn first_write_on_n0(env: &TestEnv) -> (u64, String) {
+    create_table(env).await;
+    wait_all_healthy(env).await;
+    write_lands_on(env, &env.cluster.nodes[0], 1).await;
+    let epoch0 = env.proxy.cluster.current().epoch;
+    let scrape0 = admin(env, Method::GET, "/metrics", None).await.body;
+    (epoch0, scrape0)
+}
+
 /// Writes through pgswitch to n0, then kills n0 with every relay set to cut its standby's path
 /// once pg_promote went through. Returns the index of the standby pgswitch promoted, the epoch
 /// and a /metrics scrape from before the kill.
@@ -2600,11 +2721,7 @@ async fn kill_primary_and_cut_the_promotion(
     label: &str,
 ) -> (usize, u64, String) {
     let nodes = &env.cluster.nodes;
-    create_table(env).await;
-    wait_all_healthy(env).await;
-    write_lands_on(env, &nodes[0], 1).await;
-    let epoch0 = env.proxy.cluster.current().epoch;
-    let scrape0 = admin(env, Method::GET, "/metrics", None).await.body;
+    let (epoch0, scrape0) = first_write_on_n0(env).await;
     for relay in relays {
         relay.cut_after("pg_promote(");
     }
