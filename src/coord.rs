@@ -37,6 +37,12 @@ pub struct PendingNode {
     /// A planned switchover (the old primary was made read-only), not an automatic failover.
     #[serde(default)]
     pub switchover: bool,
+    /// The other standbys the attempt detached from the old primary. Their `primary_conninfo`
+    /// is not kept here (it may hold a password): should the promotion turn out undone, a
+    /// restarted pgswitch points them (and the node) back at the old primary with the
+    /// conninfo it builds for re-pointing.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub detached: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -154,6 +160,7 @@ mod tests {
                 node: "n2".into(),
                 old_primary: "n1".into(),
                 switchover: false,
+                detached: vec!["n0".into()],
             }),
             ..state.clone()
         };

@@ -290,7 +290,22 @@ impl Controller {
                 self.topology.index_of(&pending.old_primary),
             ) {
                 (Some(target), Some(old)) => {
-                    warn!(node = %pending.node, old_primary = %pending.old_primary, "the cluster state records a pending promotion: nothing is routed and no other node is promoted until {} is seen in or out of recovery", pending.node);
+                    warn!(node = %pending.node, old_primary = %pending.old_primary, detached = ?pending.detached, "the cluster state records a pending promotion: nothing is routed and no other node is promoted until {} is seen in or out of recovery", pending.node);
+                    // What they followed before is gone with the process: should the promotion
+                    // be undone, they follow the old primary with the conninfo pgswitch builds.
+                    let primary = self.topology.nodes[old].clone();
+                    for name in &pending.detached {
+                        match self.topology.index_of(name) {
+                            Some(i) if i != old && i != target => {
+                                let conninfo = self.conninfo_for(&primary, name);
+                                self.detached.insert(i, conninfo);
+                            }
+                            _ => {
+                                warn!(node = %name, "the cluster state names a detached standby not in the configuration; ignored")
+                            }
+                        }
+                    }
+                    let target_conninfo = Some(self.conninfo_for(&primary, &pending.node));
                     self.pending_promotion = Some(PendingPromotion {
                         mode: if pending.switchover {
                             FailoverMode::Switchover
@@ -299,7 +314,7 @@ impl Controller {
                         },
                         old,
                         target,
-                        target_conninfo: None,
+                        target_conninfo,
                         error: "recorded as pending when pgswitch started".into(),
                         left_recovery: false,
                         started: Instant::now(),
@@ -1529,6 +1544,16 @@ impl Controller {
             node: self.topology.nodes[p.target].name.clone(),
             old_primary: self.topology.nodes[p.old].name.clone(),
             switchover: p.mode == FailoverMode::Switchover,
+            detached: {
+                let mut names: Vec<String> = self
+                    .detached
+                    .keys()
+                    .filter(|&&i| i != p.target)
+                    .map(|&i| self.topology.nodes[i].name.clone())
+                    .collect();
+                names.sort();
+                names
+            },
         });
         self.pending_promotion = p;
         if let Err(e) = self.coord.publish(&self.state).await {

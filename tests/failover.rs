@@ -2258,6 +2258,22 @@ async fn wait_routed_to(env: &TestEnv, i: usize) {
     .await
 }
 
+/// Makes `pg_promote` fail on each node before it writes its promote signal file: a dangling
+/// symbolic link where the file goes (creating it fails with 58P01). Unlike a directory or a
+/// file, which PostgreSQL's stat() finds and takes for a promote request at the next signal to
+/// its postmaster, a dangling link is never one. Returns the links, to remove afterwards.
+fn block_promotion(nodes: &[PgNode]) -> Vec<std::path::PathBuf> {
+    nodes
+        .iter()
+        .map(|n| {
+            let blocker = n.data_dir.join("promote");
+            std::os::unix::fs::symlink(n.data_dir.join("no-such-dir/promote"), &blocker)
+                .expect("a dangling link where pg_promote writes its file");
+            blocker
+        })
+        .collect()
+}
+
 /// A write through pgswitch that must land on `node`.
 async fn write_lands_on(env: &TestEnv, node: &PgNode, id: i64) {
     let client = env.connect().await;
@@ -2312,13 +2328,8 @@ async fn a_failed_switchover_leaves_exactly_one_writable_primary_and_the_target_
         wait_all_healthy(env).await;
 
         // 2. pg_promote fails on n1 (its promote signal file cannot be created) after n1 was
-        //    detached from n0: n1 stays a standby and must follow n0 again. The blocker is a
-        //    dangling symbolic link: anything PostgreSQL can stat() at that path (a directory)
-        //    is a promote request at the next signal to its postmaster, such as the WAL
-        //    receiver's restart once n1 follows n0 again.
-        let blocker = nodes[1].data_dir.join("promote");
-        std::os::unix::fs::symlink(nodes[1].data_dir.join("no-such-dir/promote"), &blocker)
-            .expect("a dangling link where pg_promote writes its file");
+        //    detached from n0: n1 stays a standby and must follow n0 again.
+        let blocker = block_promotion(&nodes[1..2]).remove(0);
         let (took, body) = failed_switchover_to(env, "n1").await;
         std::fs::remove_file(&blocker).expect("remove the promote blocker");
         println!(
@@ -2395,15 +2406,7 @@ async fn a_candidate_that_refuses_pg_promote_is_passed_over_for_the_next_one() {
         let nodes = env.cluster.nodes.clone();
         let (epoch0, scrape0) = first_write_on_n0(env).await;
 
-        let blockers: Vec<_> = nodes[1..]
-            .iter()
-            .map(|n| {
-                let blocker = n.data_dir.join("promote");
-                std::os::unix::fs::symlink(n.data_dir.join("no-such-dir/promote"), &blocker)
-                    .expect("a dangling link where pg_promote writes its file");
-                blocker
-            })
-            .collect();
+        let blockers = block_promotion(&nodes[1..]);
         let killed = Instant::now();
         let n0 = nodes[0].clone();
         blocking("kill n0", move || n0.kill9()).await;
@@ -2896,6 +2899,98 @@ async fn a_restarted_pgswitch_keeps_a_promotion_with_an_unknown_outcome_pending_
             !recorded.contains("\"pending\""),
             "published: nothing pending any more: {recorded}"
         );
+        panic_watch::assert_no_proxy_panics();
+    })
+    .await
+}
+
+/// pg_promote reaches the standby pgswitch chose and is refused there (a dangling promote
+/// link on each standby), but the answer is cut off with the path to it: the outcome is unknown
+/// and the promotion pending. n0 comes back, pgswitch restarts, then the standby answers, still
+/// in recovery. The second pgswitch knows from the state file which standbys the attempt
+/// detached, not what they followed: it points both back at n0 (with the conninfo it builds for
+/// re-pointing), routes to n0 again at the same epoch, and both stream from it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_pgswitch_that_finds_the_pending_node_in_recovery_points_the_standbys_back_at_the_old_primary(
+) {
+    bounded("test", TEST_LIMIT, async {
+        panic_watch::install();
+        let relays = [TcpRelay::start().await, TcpRelay::start().await];
+        let relays = &relays;
+        let tweak = |c: &mut Config| standbys_behind_relays(c, relays);
+        let first = TestEnv::start(ClusterSpec::default(), tweak).await;
+        let state_file = first.proxy.proxy.config().coordination.state_file.clone();
+        let nodes = first.cluster.nodes.clone();
+        let blockers = block_promotion(&nodes[1..]);
+        let unknown = "whether it left recovery is unknown";
+        let (p, epoch0) = {
+            let env = &first;
+            let (p, epoch0, _) = kill_primary_and_cut_the_promotion(env, relays, "undone").await;
+            let reason = wait_for_reason(env, "the promotion's outcome is unknown", unknown).await;
+            println!("[undone] reason: {reason}");
+            (p, epoch0)
+        };
+        let other = 3 - p;
+        let recorded = std::fs::read_to_string(&state_file).expect("state file");
+        println!("[undone] state file while pending: {recorded}");
+        let state: Value = serde_json::from_str(&recorded).expect("the state file is JSON");
+        assert_eq!(
+            state["pending"]["detached"],
+            serde_json::json!([nodes[other].name]),
+            "the state file names the other detached standby: {recorded}"
+        );
+        for n in &nodes[1..] {
+            assert_eq!(conninfo_of(n).await, "", "{} is detached from n0", n.name);
+        }
+        let n0 = nodes[0].clone();
+        blocking("restart n0", move || n0.start()).await;
+
+        let TestEnv { proxy, cluster } = first;
+        proxy.shutdown().await;
+        let second = pgswitch::server::start(common::config_for(&cluster, tweak))
+            .await
+            .expect("second pgswitch starts");
+        let env = &TestEnv {
+            proxy: second,
+            cluster,
+        };
+        assert_eq!(
+            env.proxy.cluster.current().primary,
+            None,
+            "the second pgswitch routes nothing while the promotion is pending"
+        );
+        let answered = Instant::now();
+        relays[p - 1].restore();
+        wait_routed_to(env, 0).await;
+        let routed = answered.elapsed();
+        assert_eq!(
+            env.proxy.cluster.current().epoch,
+            epoch0,
+            "nothing was published"
+        );
+        write_lands_on(env, &nodes[0], 2).await;
+        for n in &nodes[1..] {
+            let took = wait_streams_from(n, &nodes[0], Duration::from_secs(60)).await;
+            println!(
+                "[undone] {} streams from n0 again ({} after it was routed to)",
+                n.name,
+                ms(took)
+            );
+        }
+        assert_eq!(out_of_recovery(&nodes).await, vec!["n0".to_string()]);
+        let recorded = std::fs::read_to_string(&state_file).expect("state file");
+        assert!(
+            !recorded.contains("\"pending\""),
+            "settled: nothing pending any more: {recorded}"
+        );
+        println!(
+            "[undone] {} answered in recovery; n0 routed {} later at epoch {epoch0}",
+            nodes[p].name,
+            ms(routed)
+        );
+        for blocker in &blockers {
+            std::fs::remove_file(blocker).expect("remove the promote blocker");
+        }
         panic_watch::assert_no_proxy_panics();
     })
     .await
