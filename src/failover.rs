@@ -46,6 +46,8 @@ const PROMOTION_SETTLE: Duration = Duration::from_secs(5);
 /// How a standby's `primary_conninfo` is read before it is detached, to be restored if no new
 /// primary comes out of it.
 const READ_CONNINFO: &str = "SELECT current_setting('primary_conninfo')";
+/// How long a standby pgswitch re-pointed is given to stream before it is re-pointed again.
+const REPOINT_RETRY: Duration = Duration::from_secs(30);
 
 /// A planned switchover asked for through the admin API.
 pub struct SwitchoverRequest {
@@ -224,6 +226,9 @@ pub struct Controller {
     /// by node index: restored when the failover ends without a new primary, dropped when a
     /// new primary is published.
     detached: HashMap<usize, String>,
+    /// Standbys re-pointed at the primary because they followed a former primary, by node
+    /// index, with when.
+    repointed: HashMap<usize, Instant>,
     /// A switchover or failover whose target may have been promoted: settled before anything
     /// else.
     pending_promotion: Option<PendingPromotion>,
@@ -269,6 +274,7 @@ impl Controller {
                 rejoin_rx,
                 rejoins: HashMap::new(),
                 detached: HashMap::new(),
+                repointed: HashMap::new(),
                 pending_promotion: None,
             },
             view,
@@ -452,6 +458,9 @@ impl Controller {
             self.topology.holding = false;
             self.set_reason(None);
             self.restore_detached().await;
+            if self.detached.is_empty() {
+                self.repoint_strays(p).await;
+            }
             return;
         }
         let why = if !node.healthy {
@@ -1193,6 +1202,76 @@ impl Controller {
         metrics::failover_phase(FailoverPhase::Repoint, started.elapsed().as_secs_f64());
     }
 
+    /// Standbys that follow a former primary (they were down or unreachable when a failover
+    /// re-pointed the others) are pointed at the serving primary `p`. One that follows
+    /// another standby (cascading), a server not in the configuration or no one (an empty
+    /// `primary_conninfo`, which an operator may have set) is left alone. Each is retried
+    /// after `REPOINT_RETRY` while it does not stream from the primary.
+    async fn repoint_strays(&mut self, p: usize) {
+        let primary = self.topology.nodes[p].clone();
+        let expected = format!("{}:{}", primary.host, primary.port);
+        let timeout = self.control_timeout();
+        self.repointed.retain(|_, at| at.elapsed() < REPOINT_RETRY);
+        let formers: Vec<(String, u16, String)> = self
+            .topology
+            .nodes
+            .iter()
+            .filter(|o| o.quarantined)
+            .map(|o| (o.host.clone(), o.port, o.name.clone()))
+            .collect();
+        for i in 0..self.topology.nodes.len() {
+            let n = &self.topology.nodes[i];
+            if i == p
+                || !n.healthy
+                || n.diagnosis.role != Role::Standby
+                || n.quarantined
+                || n.diagnosis.upstream.as_deref() == Some(expected.as_str())
+                || self.repointed.contains_key(&i)
+            {
+                continue;
+            }
+            let name = n.name.clone();
+            let former = |host: &str, port: u16| {
+                formers
+                    .iter()
+                    .find(|(h, p, _)| h == host && *p == port)
+                    .map(|(_, _, name)| name.clone())
+            };
+            let follows = match n.diagnosis.upstream.as_deref() {
+                Some(upstream) => match upstream.rsplit_once(':') {
+                    Some((host, port)) => port
+                        .parse()
+                        .ok()
+                        .and_then(|port| former(host, port))
+                        .map(|old| format!("streams from the former primary {old}")),
+                    None => None,
+                },
+                None => match self.read_conninfo(i, timeout).await {
+                    Ok(conninfo) => conninfo_target(&conninfo)
+                        .and_then(|(host, port)| former(&host, port))
+                        .map(|old| format!("follows the former primary {old}")),
+                    Err(e) => {
+                        warn!(node = %name, error = %e, "cannot read primary_conninfo");
+                        None
+                    }
+                },
+            };
+            let Some(follows) = follows else {
+                continue;
+            };
+            let conninfo = self.conninfo_for(&primary, &name);
+            self.repointed.insert(i, Instant::now());
+            match self.set_conninfo(i, &conninfo, timeout).await {
+                Ok(()) => {
+                    warn!(node = %name, primary = %primary.name, "standby {follows}: re-pointed to the primary")
+                }
+                Err(e) => {
+                    warn!(node = %name, primary = %primary.name, error = %e, "standby {follows}, and cannot be re-pointed to the primary; tried again later")
+                }
+            }
+        }
+    }
+
     /// Former primaries: fence them when they come back, run the rejoin hook, and count them
     /// as standbys again once they stream from the current primary.
     async fn handle_quarantined(&mut self) {
@@ -1716,9 +1795,82 @@ fn parse_sync_names(spec: &str) -> Option<(usize, Vec<String>)> {
     Some((k, names(spec.get(open + 1..close)?)))
 }
 
+/// The host and port a libpq connection string (`key=value` pairs, values optionally in single
+/// quotes with backslash escapes) connects to: its first `host` (or `hostaddr`), and its first
+/// `port` (5432 when there is none). `None` when it names no host, or is a URI.
+pub fn conninfo_target(conninfo: &str) -> Option<(String, u16)> {
+    let mut host = None;
+    let mut hostaddr = None;
+    let mut port = None;
+    let mut chars = conninfo.chars().peekable();
+    loop {
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        let mut key = String::new();
+        while let Some(c) = chars.next_if(|c| *c != '=' && !c.is_whitespace()) {
+            key.push(c);
+        }
+        if key.is_empty() {
+            break;
+        }
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        chars.next_if_eq(&'=')?;
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        let mut value = String::new();
+        if chars.next_if_eq(&'\'').is_some() {
+            loop {
+                match chars.next()? {
+                    '\'' => break,
+                    '\\' => value.push(chars.next()?),
+                    c => value.push(c),
+                }
+            }
+        } else {
+            while let Some(c) = chars.next_if(|c| !c.is_whitespace()) {
+                if c == '\\' {
+                    value.push(chars.next()?);
+                } else {
+                    value.push(c);
+                }
+            }
+        }
+        let first = |v: &str| v.split(',').next().unwrap_or_default().to_string();
+        match key.as_str() {
+            "host" => host = Some(first(&value)),
+            "hostaddr" => hostaddr = Some(first(&value)),
+            "port" => port = Some(first(&value)),
+            _ => {}
+        }
+    }
+    let host = host.or(hostaddr).filter(|h| !h.is_empty())?;
+    let port = match port.filter(|p| !p.is_empty()) {
+        Some(p) => p.parse().ok()?,
+        None => 5432,
+    };
+    Some((host, port))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn conninfo_targets_are_read() {
+        let t = |s: &str| conninfo_target(s);
+        assert_eq!(
+            t("user=rep passfile='/var/lib/postgresql/.pgpass' channel_binding=prefer host=127.0.0.1 port=25432 sslmode=prefer"),
+            Some(("127.0.0.1".into(), 25432))
+        );
+        assert_eq!(
+            t("host='/tmp/pg sock' port = '5433' application_name='n\\'1'"),
+            Some(("/tmp/pg sock".into(), 5433))
+        );
+        assert_eq!(t("host=db1,db2 port=6000,6001"), Some(("db1".into(), 6000)));
+        assert_eq!(t("hostaddr=127.0.0.2"), Some(("127.0.0.2".into(), 5432)));
+        assert_eq!(t(""), None);
+        assert_eq!(t("port=5432"), None);
+        assert_eq!(t("host='unterminated"), None);
+        assert_eq!(t("postgresql://db1:5433/x"), None);
+    }
 
     fn v(names: &[&str]) -> Vec<String> {
         names.iter().map(|s| s.to_string()).collect()

@@ -2493,6 +2493,74 @@ async fn a_candidate_that_refuses_pg_promote_is_passed_over_for_the_next_one() {
     .await
 }
 
+/// n2 is down when n0 dies, so the failover re-points only n1's peers that answer: n2 comes
+/// back still following the dead (and quarantined) n0. pgswitch points it at n1, the primary,
+/// and it streams from n1; when n0 comes back (fenced, no rejoin hook), n2 keeps following n1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_that_was_down_during_a_failover_follows_the_new_primary_when_it_returns() {
+    bounded("test", TEST_LIMIT, async {
+        panic_watch::install();
+        let env = TestEnv::start(ClusterSpec::default(), |c| {
+            failover_config(c);
+            c.failover.rejoin_command = String::new();
+        })
+        .await;
+        let env = &env;
+        let nodes = env.cluster.nodes.clone();
+        first_write_on_n0(env).await;
+        let n2 = nodes[2].clone();
+        blocking("stop n2", move || n2.stop_fast()).await;
+        let n0 = nodes[0].clone();
+        blocking("kill n0", move || n0.kill9()).await;
+        wait_routed_to(env, 1).await;
+        write_lands_on(env, &nodes[1], 2).await;
+        let n2 = nodes[2].clone();
+        blocking("start n2", move || n2.start()).await;
+        let started = Instant::now();
+        let before = conninfo_of(&nodes[2]).await;
+        assert!(
+            before.contains(&format!("port={}", nodes[0].port)),
+            "n2 comes back following n0: {before:?}"
+        );
+        let streams = wait_streams_from(&nodes[2], &nodes[1], Duration::from_secs(60)).await;
+        println!(
+            "[stray standby] n2 came back following n0; it streams from n1 {} after it started",
+            ms(started.elapsed().max(streams))
+        );
+        let n0 = nodes[0].clone();
+        blocking("restart n0", move || n0.start()).await;
+        wait_for(
+            "pgswitch fences the returning n0",
+            Duration::from_secs(60),
+            || async {
+                match node_state(&nodes[0]).await.as_str() {
+                    "primary, read-only (fenced)" => Ok(()),
+                    other => Err(other.to_string()),
+                }
+            },
+        )
+        .await;
+        wait_cycles(env, 3).await;
+        assert_eq!(upstream_port(&nodes[2]).await, Ok(Some(nodes[1].port)));
+        write_lands_on(env, &nodes[1], 3).await;
+        let n2 = &nodes[2];
+        wait_for(
+            "n2 replays the writes n1 took",
+            Duration::from_secs(30),
+            || async move {
+                let ids = ids_on(n2).await;
+                match ids.contains(&2) && ids.contains(&3) {
+                    true => Ok(()),
+                    false => Err(format!("n2 has {ids:?}")),
+                }
+            },
+        )
+        .await;
+        panic_watch::assert_no_proxy_panics();
+    })
+    .await
+}
+
 // ---------------------------------------------------------------------------------------------
 // Automatic failovers whose promotion is not settled
 // ---------------------------------------------------------------------------------------------
