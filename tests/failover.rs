@@ -2397,12 +2397,7 @@ async fn a_failed_switchover_leaves_exactly_one_writable_primary_and_the_target_
 async fn a_candidate_that_refuses_pg_promote_is_passed_over_for_the_next_one() {
     bounded("test", TEST_LIMIT, async {
         panic_watch::install();
-        let env = TestEnv::start(ClusterSpec::default(), |c| {
-            failover_config(c);
-            c.failover.rejoin_command = String::new();
-        })
-        .await;
-        let env = &env;
+        let env = &without_rejoin_hook().await;
         let nodes = env.cluster.nodes.clone();
         let (epoch0, scrape0) = first_write_on_n0(env).await;
 
@@ -2493,19 +2488,14 @@ async fn a_candidate_that_refuses_pg_promote_is_passed_over_for_the_next_one() {
     .await
 }
 
-/// n2 is down when n0 dies, so the failover re-points only n1's peers that answer: n2 comes
-/// back still following the dead (and quarantined) n0. pgswitch points it at n1, the primary,
+/// n2 is down when n0 dies, so the failover cannot re-point it: n2 comes back still following
+/// the dead (and quarantined) n0. pgswitch points it at n1, the primary,
 /// and it streams from n1; when n0 comes back (fenced, no rejoin hook), n2 keeps following n1.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_standby_that_was_down_during_a_failover_follows_the_new_primary_when_it_returns() {
     bounded("test", TEST_LIMIT, async {
         panic_watch::install();
-        let env = TestEnv::start(ClusterSpec::default(), |c| {
-            failover_config(c);
-            c.failover.rejoin_command = String::new();
-        })
-        .await;
-        let env = &env;
+        let env = &without_rejoin_hook().await;
         let nodes = env.cluster.nodes.clone();
         first_write_on_n0(env).await;
         let n2 = nodes[2].clone();
@@ -2770,6 +2760,16 @@ fn standbys_behind_relays(c: &mut Config, relays: &[TcpRelay; 2]) {
         relay.target.store(node.port, Ordering::SeqCst);
         node.port = relay.port;
     }
+}
+
+/// Three nodes with pgswitch in front, transaction pooling, no rejoin hook: a former primary
+/// stays quarantined.
+async fn without_rejoin_hook() -> TestEnv {
+    TestEnv::start(ClusterSpec::default(), |c| {
+        failover_config(c);
+        c.failover.rejoin_command = String::new();
+    })
+    .await
 }
 
 /// A table, every node healthy, id 1 written through pgswitch to n0: returns the epoch and a
