@@ -874,7 +874,26 @@ impl Controller {
                     error!(node = %name, error = %e, "not promoted, and it cannot be promoted by this attempt later; trying the next candidate");
                     refusals.push(format!("{name}: {e}"));
                 }
-                Err(e @ (PromoteError::StillInRecovery(_) | PromoteError::Unknown(_))) => {
+                Err(PromoteError::StillInRecovery(e)) => {
+                    // It answers, in recovery, but may still act on the promote request later:
+                    // another node is promoted only once this one is set aside for good.
+                    match self.set_aside(i).await {
+                        Ok(()) => {
+                            error!(node = %name, error = %e, "not promoted; set aside (read-only, quarantined) so that a late promotion takes no writes; trying the next candidate");
+                            refusals
+                                .push(format!("{name}: {e}; set aside: read-only and quarantined"));
+                        }
+                        Err(why) => {
+                            error!(node = %name, error = %e, why = %why, "promotion outcome unknown; no other node is promoted until this one is seen in or out of recovery");
+                            return Err(NoNewPrimary::Unsettled {
+                                target: i,
+                                error: format!("{e}; it cannot be set aside: {why}"),
+                                left_recovery: false,
+                            });
+                        }
+                    }
+                }
+                Err(e @ PromoteError::Unknown(_)) => {
                     // pg_promote was sent: promoting another node could make two primaries.
                     error!(node = %name, error = %e, "promotion outcome unknown; no other node is promoted until this one is seen in or out of recovery");
                     return Err(NoNewPrimary::Unsettled {
@@ -892,6 +911,40 @@ impl Controller {
                 refusals.join("; ")
             ),
         ))
+    }
+
+    /// A candidate that got pg_promote and is still in recovery, but may yet act on the promote
+    /// request, is set aside before any other node is promoted: made read-only (persisted, so a
+    /// late promotion takes no writes), seen in recovery once more after that, and quarantined
+    /// in the published state (never routed to; it counts as a standby again once it streams
+    /// from the primary, like a former primary). An error says why it could not be.
+    async fn set_aside(&mut self, i: usize) -> Result<(), String> {
+        let config = self.config.clone();
+        let timeout = self.control_timeout();
+        self.conns[i]
+            .execute(
+                &config,
+                "ALTER SYSTEM SET default_transaction_read_only = on; SELECT pg_reload_conf()",
+                timeout,
+            )
+            .await
+            .map_err(|e| format!("cannot make it read-only: {e}"))?;
+        match self.in_recovery(i, timeout).await {
+            Some(true) => {}
+            Some(false) => return Err("it left recovery meanwhile".into()),
+            None => return Err("it stopped answering".into()),
+        }
+        let name = self.topology.nodes[i].name.clone();
+        if !self.state.quarantined.contains(&name) {
+            self.state.quarantined.push(name.clone());
+            if let Err(e) = self.coord.publish(&self.state).await {
+                self.state.quarantined.retain(|q| q != &name);
+                return Err(format!("cannot record its quarantine: {e}"));
+            }
+        }
+        self.topology.nodes[i].quarantined = true;
+        self.detached.remove(&i);
+        Ok(())
     }
 
     /// Waits for the candidate to replay what it received, promotes it, confirms it left

@@ -2551,6 +2551,169 @@ async fn a_standby_that_was_down_during_a_failover_follows_the_new_primary_when_
     .await
 }
 
+/// The node's startup process (the one that replays WAL and acts on a promote request).
+fn startup_pid(node: &PgNode) -> i32 {
+    node.child_pids()
+        .into_iter()
+        .find(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|cmd| String::from_utf8_lossy(&cmd).contains("startup"))
+        })
+        .unwrap_or_else(|| panic!("{} has no startup process", node.name))
+}
+
+fn signal(pid: i32, sig: libc::c_int) {
+    // SAFETY: kill(2) on a process this test started (through the harness).
+    let rc = unsafe { libc::kill(pid, sig) };
+    assert_eq!(
+        rc,
+        0,
+        "kill({pid}, {sig}): {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+/// Whether `node` runs pg_promote now.
+async fn runs_pg_promote(node: &PgNode) -> bool {
+    sql_row(
+        node,
+        "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query LIKE 'SELECT pg_promote%'",
+    )
+    .await
+    .is_ok_and(|row| row.first().cloned().flatten().as_deref() == Some("1"))
+}
+
+/// n0 dies while both standbys' startup processes are stopped (SIGSTOP), so neither can act on
+/// a promote request. Once pgswitch sent pg_promote to one (X), the other's (Y) startup
+/// process resumes. pg_promote on X answers `false` after 60 s and X is still in recovery, but
+/// its promote request stands: pgswitch sets X aside (read-only, quarantined) and promotes Y in
+/// the same attempt. When X's startup process resumes, X acts on the request and leaves
+/// recovery, read-only: it takes no writes, and writes keep going to Y.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_candidate_whose_promotion_does_not_finish_is_set_aside_and_the_next_one_promoted() {
+    bounded("test", TEST_LIMIT, async {
+        panic_watch::install();
+        let env = &without_rejoin_hook().await;
+        let nodes = env.cluster.nodes.clone();
+        let (epoch0, scrape0) = first_write_on_n0(env).await;
+        let lsn = sql_row(&nodes[0], "SELECT pg_current_wal_lsn()::text")
+            .await
+            .expect("n0's LSN")[0]
+            .clone()
+            .unwrap_or_default();
+        for n in &nodes[1..] {
+            let lsn = &lsn;
+            wait_for(
+                &format!("{} replays all n0 wrote", n.name),
+                Duration::from_secs(30),
+                || async move {
+                    let row = sql_row(
+                        n,
+                        &format!("SELECT pg_last_wal_replay_lsn() >= '{lsn}'::pg_lsn"),
+                    )
+                    .await?;
+                    match row.first().cloned().flatten().as_deref() {
+                        Some("t") => Ok(()),
+                        other => Err(format!("not yet: {other:?}")),
+                    }
+                },
+            )
+            .await;
+        }
+        let startups = [startup_pid(&nodes[1]), startup_pid(&nodes[2])];
+        for &pid in &startups {
+            signal(pid, libc::SIGSTOP);
+        }
+        let killed = Instant::now();
+        let n0 = nodes[0].clone();
+        blocking("kill n0", move || n0.kill9()).await;
+        let standbys = &nodes[1..];
+        let x = wait_for(
+            "pgswitch sends pg_promote to a standby",
+            Duration::from_secs(60),
+            || async move {
+                for (k, n) in standbys.iter().enumerate() {
+                    if runs_pg_promote(n).await {
+                        return Ok(k + 1);
+                    }
+                }
+                Err(format!("reason {:?}", env.proxy.cluster.current().reason))
+            },
+        )
+        .await;
+        let y = 3 - x;
+        signal(startups[y - 1], libc::SIGCONT);
+        println!(
+            "[set aside] {} runs pg_promote {} after the kill; {}'s startup process resumed",
+            nodes[x].name,
+            ms(killed.elapsed()),
+            nodes[y].name
+        );
+        let routed = wait_for(
+            "the other standby is promoted and routed to",
+            Duration::from_secs(150),
+            || async move {
+                let t = env.proxy.cluster.current();
+                match t.primary {
+                    Some(p) if p == y && t.nodes[y].healthy => Ok(killed.elapsed()),
+                    other => Err(format!("primary {other:?}, reason {:?}", t.reason)),
+                }
+            },
+        )
+        .await;
+        let t = env.proxy.cluster.current();
+        assert_eq!(t.epoch, epoch0 + 1, "published at the next epoch");
+        assert!(t.nodes[x].quarantined, "{} is quarantined", nodes[x].name);
+        assert_eq!(node_state(&nodes[x]).await, "standby, not streaming");
+        let read_only = sql_row(&nodes[x], "SHOW default_transaction_read_only")
+            .await
+            .expect("x answers");
+        assert_eq!(read_only[0].as_deref(), Some("on"), "{} is read-only", nodes[x].name);
+        write_lands_on(env, &nodes[y], 2).await;
+        println!(
+            "[set aside] {} routed {} after the kill at epoch {}; {} is read-only and quarantined",
+            nodes[y].name,
+            ms(routed),
+            t.epoch,
+            nodes[x].name
+        );
+
+        signal(startups[x - 1], libc::SIGCONT);
+        let late = &nodes[x];
+        wait_for(
+            "the set-aside node acts on its promote request",
+            Duration::from_secs(60),
+            || async move {
+                match in_recovery(late).await? {
+                    false => Ok(()),
+                    true => Err("still in recovery".to_string()),
+                }
+            },
+        )
+        .await;
+        wait_cycles(env, 2).await;
+        assert_eq!(node_state(late).await, "primary, read-only (fenced)");
+        let refused = sql_exec(late, "INSERT INTO t(id) VALUES (99)").await;
+        assert!(
+            refused.as_ref().is_err_and(|e| e.contains("read-only")),
+            "a write on the set-aside node must fail: {refused:?}"
+        );
+        let t = env.proxy.cluster.current();
+        assert_eq!(t.primary, Some(y), "writes still go to {}", nodes[y].name);
+        write_lands_on(env, &nodes[y], 3).await;
+        let scrape = admin(env, Method::GET, "/metrics", None).await.body;
+        let success =
+            automatic_failovers(&scrape, "success") - automatic_failovers(&scrape0, "success");
+        assert!(success >= 1.0, "the failover is counted as a success: {success}");
+        println!(
+            "[set aside] {} left recovery late, read-only: its write was refused; {} still takes writes",
+            late.name, nodes[y].name
+        );
+        panic_watch::assert_no_proxy_panics();
+    })
+    .await
+}
+
 // ---------------------------------------------------------------------------------------------
 // Automatic failovers whose promotion is not settled
 // ---------------------------------------------------------------------------------------------
