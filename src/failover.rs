@@ -1851,7 +1851,7 @@ fn parse_sync_names(spec: &str) -> Option<(usize, Vec<String>)> {
 /// The host and port a libpq connection string (`key=value` pairs, values optionally in single
 /// quotes with backslash escapes) connects to: its first `host` (or `hostaddr`), and its first
 /// `port` (5432 when there is none). `None` when it names no host, or is a URI.
-pub fn conninfo_target(conninfo: &str) -> Option<(String, u16)> {
+fn conninfo_target(conninfo: &str) -> Option<(String, u16)> {
     let mut host = None;
     let mut hostaddr = None;
     let mut port = None;
