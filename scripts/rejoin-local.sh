@@ -3,7 +3,8 @@
 # pgswitch runs it as failover.rejoin_command once the old primary answers again, e.g.
 #   rejoin_command = "scripts/rejoin-local.sh {old_data_dir} {new_host} {new_port} {node} {control_user}"
 # with the control role's password in PGPASSWORD. Steps: clean stop, pg_rewind from the new
-# primary, this node's own configuration restored, standby.signal + primary_conninfo, start.
+# primary (a fresh pg_basebackup instead when both sides share a timeline ID but not its
+# history), this node's own configuration restored, standby.signal + primary_conninfo, start.
 set -euo pipefail
 
 if [ $# -lt 4 ]; then
@@ -50,6 +51,38 @@ if ! as_owner "$bin/pg_rewind" --target-pgdata="$data" --source-server="$source"
   echo "pg_rewind failed once; running crash recovery and retrying" >>"$log"
   as_owner "$bin/postgres" --single -D "$data" postgres </dev/null >>"$log" 2>&1 || true
   as_owner "$bin/pg_rewind" --target-pgdata="$data" --source-server="$source" >>"$log" 2>&1
+fi
+
+# pg_rewind compares timeline IDs only. Two nodes promoted from the same timeline (a standby
+# pgswitch set aside because its pg_promote did not finish, which then promoted late) both
+# pick the next ID, so "same timeline, no rewind required" can hide two histories. A node that
+# was itself a primary (shut down, not in recovery) on the very timeline the new primary runs
+# on can only be such a twin: its directory cannot follow the new primary and is cloned anew
+# (the old one is kept beside it).
+# pg_rewind removes files the source does not have, this log among them: it is made again by
+# the owner, or pg_ctl (run as the owner) could not write the server's output to it.
+as_owner touch "$log"
+control=$(as_owner "$bin/pg_controldata" "$data")
+state=$(sed -n "s/^Database cluster state: *//p" <<<"$control")
+tli=$(sed -n "s/^Latest checkpoint's TimeLineID: *//p" <<<"$control")
+theirs=$(as_owner "$bin/psql" -X -At -d "$source" \
+  -c "SELECT ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int" 2>>"$log" || true)
+if [ "$state" = "shut down" ] && [ -n "$tli" ] && [ "$tli" = "$theirs" ]; then
+  aside="$data.diverged-$(date +%Y%m%d%H%M%S)"
+  echo "this node was a primary on timeline $tli, the timeline $new_host:$new_port runs on:" \
+    "moving $data to $aside and cloning it anew" | tee -a "$log" >&2
+  mv "$data" "$aside"
+  log="$aside/pgswitch-rejoin.log"
+  install -d -o "$owner" -m 0700 "$data"
+  if ! as_owner "$bin/pg_basebackup" -D "$data" -d "$source" -X stream -c fast >>"$log" 2>&1; then
+    rm -rf "$data"
+    mv "$aside" "$data"
+    echo "pg_basebackup failed; $data is back as it was (see $data/pgswitch-rejoin.log)" >&2
+    exit 1
+  fi
+  cp -p "$aside/postgresql.auto.conf" "$data/postgresql.auto.conf"
+  cp -p "$log" "$data/pgswitch-rejoin.log"
+  log="$data/pgswitch-rejoin.log"
 fi
 
 for f in postgresql.conf pg_hba.conf pg_ident.conf; do

@@ -2588,7 +2588,8 @@ async fn runs_pg_promote(node: &PgNode) -> bool {
 /// process resumes. pg_promote on X answers `false` after 60 s and X is still in recovery, but
 /// its promote request stands: pgswitch sets X aside (read-only, quarantined) and promotes Y in
 /// the same attempt. When X's startup process resumes, X acts on the request and leaves
-/// recovery, read-only: it takes no writes, and writes keep going to Y.
+/// recovery, read-only: it takes no writes, and writes keep going to Y. Once the rejoin hook is
+/// configured, X is rejoined as a standby of Y.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_candidate_whose_promotion_does_not_finish_is_set_aside_and_the_next_one_promoted() {
     bounded("test", TEST_LIMIT, async {
@@ -2709,6 +2710,46 @@ async fn a_candidate_whose_promotion_does_not_finish_is_set_aside_and_the_next_o
             "[set aside] {} left recovery late, read-only: its write was refused; {} still takes writes",
             late.name, nodes[y].name
         );
+
+        // With the rejoin hook configured (a reload), the set-aside node is rejoined like a
+        // former primary: rewound, a standby of the primary, and no longer quarantined.
+        let hook = common::config_for(&env.cluster, failover_config)
+            .failover
+            .rejoin_command;
+        assert!(!hook.is_empty(), "the test config sets the rejoin hook");
+        let mut with_hook = Config::clone(&env.proxy.proxy.config());
+        with_hook.failover.rejoin_command = hook;
+        let restart = env.proxy.reload(with_hook).expect("reload with the rejoin hook");
+        assert!(restart.is_empty(), "nothing needs a restart: {restart:?}");
+        let reloaded = Instant::now();
+        let states = watch_rejoin(env, x, &nodes[y], Duration::from_secs(180), reloaded).await;
+        println!(
+            "[set aside] {} rejoined as a standby of {} {} after the hook was configured:\n  {}",
+            late.name,
+            nodes[y].name,
+            ms(reloaded.elapsed()),
+            states.join("\n  ")
+        );
+        // Both promoted from timeline 1 and picked timeline 2: pg_rewind sees one timeline
+        // and finds nothing to rewind, so the hook clones the node anew (keeping the old
+        // directory beside it).
+        let hook_log = std::fs::read_to_string(late.data_dir.join("pgswitch-rejoin.log"))
+            .expect("the rejoin hook's log");
+        assert!(
+            hook_log.contains("cloning it anew"),
+            "the hook must clone the twin timeline anew:\n{hook_log}"
+        );
+        let parent = late.data_dir.parent().expect("data dir parent");
+        let kept = std::fs::read_dir(parent)
+            .expect("cluster dir")
+            .flatten()
+            .any(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with(&format!("{}.diverged-", late.name))
+            });
+        assert!(kept, "the diverged directory is kept beside the new one");
+        write_lands_on(env, &nodes[y], 4).await;
         panic_watch::assert_no_proxy_panics();
     })
     .await
