@@ -65,9 +65,12 @@ as_owner touch "$log"
 control=$(as_owner "$bin/pg_controldata" "$data")
 state=$(sed -n "s/^Database cluster state: *//p" <<<"$control")
 tli=$(sed -n "s/^Latest checkpoint's TimeLineID: *//p" <<<"$control")
-theirs=$(as_owner "$bin/psql" -X -At -d "$source" \
-  -c "SELECT ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int" 2>>"$log" || true)
-if [ "$state" = "shut down" ] && [ -n "$tli" ] && [ "$tli" = "$theirs" ]; then
+theirs=
+if [ "$state" = "shut down" ]; then
+  theirs=$(as_owner "$bin/psql" -X -At -d "$source" \
+    -c "SELECT ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int" 2>>"$log" || true)
+fi
+if [ -n "$tli" ] && [ "$tli" = "$theirs" ]; then
   aside="$data.diverged-$(date +%Y%m%d%H%M%S)"
   echo "this node was a primary on timeline $tli, the timeline $new_host:$new_port runs on:" \
     "moving $data to $aside and cloning it anew" | tee -a "$log" >&2

@@ -497,13 +497,8 @@ impl ControlConn {
                     message: describe(&e),
                 })
         };
-        let outcome = tokio::time::timeout(timeout, result)
-            .await
-            .unwrap_or_else(|_| Err(format!("no answer within {} ms", timeout.as_millis()).into()));
-        if outcome.is_err() {
-            self.client = None;
-        }
-        outcome
+        let outcome = tokio::time::timeout(timeout, result).await;
+        self.settle(outcome, timeout)
     }
 
     /// One diagnosis: role, timeline, LSNs, replication state. Both queries go in one simple
@@ -533,13 +528,13 @@ impl ControlConn {
     /// The result of a request bounded by `timeout`. After any failure the connection is
     /// dropped, so the next request opens a fresh one: a connection that timed out may be stuck
     /// behind a hung server.
-    fn settle<T>(
+    fn settle<T, E: From<String>>(
         &mut self,
-        outcome: Result<Result<T, String>, tokio::time::error::Elapsed>,
+        outcome: Result<Result<T, E>, tokio::time::error::Elapsed>,
         timeout: Duration,
-    ) -> Result<T, String> {
-        let r =
-            outcome.unwrap_or_else(|_| Err(format!("no answer within {} ms", timeout.as_millis())));
+    ) -> Result<T, E> {
+        let r = outcome
+            .unwrap_or_else(|_| Err(format!("no answer within {} ms", timeout.as_millis()).into()));
         if r.is_err() {
             self.client = None;
         }

@@ -46,6 +46,20 @@ const PROMOTION_SETTLE: Duration = Duration::from_secs(5);
 /// How a standby's `primary_conninfo` is read before it is detached, to be restored if no new
 /// primary comes out of it.
 const READ_CONNINFO: &str = "SELECT current_setting('primary_conninfo')";
+/// The SQL of [`READ_ONLY`], as a literal that [`FENCE`] extends.
+macro_rules! read_only_sql {
+    () => {
+        "ALTER SYSTEM SET default_transaction_read_only = on; SELECT pg_reload_conf()"
+    };
+}
+/// Makes a node refuse writes for good (persisted, so also after a restart or a promotion).
+const READ_ONLY: &str = read_only_sql!();
+/// Fences a primary: read-only as [`READ_ONLY`], and its client sessions ended.
+const FENCE: &str = concat!(
+    read_only_sql!(),
+    "; SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+     WHERE backend_type = 'client backend' AND pid <> pg_backend_pid();"
+);
 /// How long a standby pgswitch re-pointed is given to stream before it is re-pointed again.
 const REPOINT_RETRY: Duration = Duration::from_secs(30);
 
@@ -922,11 +936,7 @@ impl Controller {
         let config = self.config.clone();
         let timeout = self.control_timeout();
         self.conns[i]
-            .execute(
-                &config,
-                "ALTER SYSTEM SET default_transaction_read_only = on; SELECT pg_reload_conf()",
-                timeout,
-            )
+            .execute(&config, READ_ONLY, timeout)
             .await
             .map_err(|e| format!("cannot make it read-only: {e}"))?;
         match self.in_recovery(i, timeout).await {
@@ -1225,11 +1235,7 @@ impl Controller {
             }
             let name = n.name.clone();
             let conninfo = self.conninfo_for(&primary, &name);
-            let sql = format!(
-                "ALTER SYSTEM SET primary_conninfo = {}; SELECT pg_reload_conf();",
-                quote_literal(&conninfo)
-            );
-            match self.conns[i].execute(&config, &sql, timeout).await {
+            match self.set_conninfo(i, &conninfo, timeout).await {
                 Ok(()) => {
                     info!(node = %name, primary = %primary.name, "standby re-pointed to the new primary");
                     let mut check = ControlConn::new(config.nodes[i].clone());
@@ -1343,10 +1349,7 @@ impl Controller {
                 continue;
             }
             if n.diagnosis.role == Role::Primary && !n.diagnosis.read_only {
-                let sql = "ALTER SYSTEM SET default_transaction_read_only = on; SELECT pg_reload_conf(); \
-                           SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-                           WHERE backend_type = 'client backend' AND pid <> pg_backend_pid();";
-                match self.conns[i].execute(&config, sql, timeout).await {
+                match self.conns[i].execute(&config, FENCE, timeout).await {
                     Ok(()) => {
                         warn!(node = %n.name, "old primary is back: fenced (read-only, sessions terminated); it is never routed to until it rejoins")
                     }
@@ -1720,11 +1723,8 @@ impl Controller {
         {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let sql = "ALTER SYSTEM SET default_transaction_read_only = on; SELECT pg_reload_conf(); \
-                   SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-                   WHERE backend_type = 'client backend' AND pid <> pg_backend_pid();";
         self.conns[old]
-            .execute(&config, sql, timeout)
+            .execute(&config, FENCE, timeout)
             .await
             .map_err(BeforePromotion)?;
         let (host, port) = (
