@@ -12,16 +12,14 @@
 //! nothing outstanding.
 
 use std::io;
-use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
+use tokio::io::AsyncWriteExt;
 use tokio::sync::OwnedSemaphorePermit;
-use tokio_util::io::{poll_read_buf, poll_write_buf};
 use tracing::{debug, info, warn};
 
 use crate::backend::{ServerConn, ServerLogin};
@@ -42,11 +40,12 @@ use crate::wire::{self, Severity, WireError};
 const HIGH_WATER: usize = 256 * 1024;
 /// How much one read from a client asks for.
 const CLIENT_READ: usize = 8 * 1024;
-/// The first read of a client that holds no buffer (between transactions) goes to the stack:
-/// most requests fit, and a bigger one is read on into the buffer taken for it.
-const PROBE_READ: usize = 1024;
 /// How much one read from a server asks for.
 const SERVER_READ: usize = 32 * 1024;
+/// Rounds of the relay (each reads and writes each socket at most once) in one poll of a
+/// session's task before it lets the others run: tokio's task budget, which its own reads
+/// spend, is 128 operations.
+const RELAY_ROUNDS: u32 = 64;
 /// Largest buffer a server connection keeps between clients (transaction mode). The relay's
 /// own reads and its high-water mark keep buffers well under it.
 const CONN_BUFFER_KEEP: usize = 4 * HIGH_WATER;
@@ -733,10 +732,15 @@ enum RelayEvent {
 /// event wakes the registered waker and the task is polled again). So within one poll a second
 /// read of such a socket would find the same nothing: it is skipped. Made anew for every poll of
 /// the task, never kept across polls: between them the waker may have been used up.
+///
+/// It also counts the relay's rounds in this poll: the relay's reads and writes do not spend
+/// tokio's task budget (see `Stream::poll_recv_buf`), so a session with bytes flowing both ways
+/// without pause yields after `RELAY_ROUNDS` rounds itself, and other clients get their turn.
 #[derive(Debug, Default)]
 struct Armed {
     client: bool,
     server: bool,
+    rounds: u32,
 }
 
 /// One message being streamed through: the bytes still to come (never 0: a message with
@@ -837,10 +841,6 @@ struct Relay {
     transaction_started: u64,
     /// Since the last Sync, everything was answered by pgswitch without a server.
     local_batch: bool,
-    /// The last read of the client (of the server) emptied its socket: the next read asks for
-    /// readiness first (`ready_to_read`).
-    client_drained: bool,
-    server_drained: bool,
 }
 
 impl Relay {
@@ -850,8 +850,6 @@ impl Relay {
             request_started: 0,
             transaction_started: 0,
             local_batch: false,
-            client_drained: false,
-            server_drained: false,
             server_fatal: None,
             mode,
             client_in: BytesMut::new(),
@@ -917,8 +915,6 @@ impl Relay {
         if self.tracker.is_idle() {
             std::mem::swap(&mut self.tracker, &mut conn.tracker);
         }
-        // An idle connection's last read ended with its ReadyForQuery.
-        self.server_drained = true;
         if self.to_client.is_empty() {
             buffers::give(&mut self.to_client);
             std::mem::swap(&mut self.to_client, &mut conn.client_out);
@@ -1485,7 +1481,7 @@ impl Relay {
     /// the client is gone.
     fn write_client(&mut self, cx: &mut Context<'_>, client: &mut Stream) -> Option<RelayEvent> {
         while !self.to_client.is_empty() {
-            match poll_write_buf(Pin::new(&mut *client), cx, &mut self.to_client) {
+            match client.poll_send_buf(cx, &mut self.to_client) {
                 Poll::Ready(Ok(0)) => {
                     return Some(RelayEvent::ClientGone(io::ErrorKind::WriteZero.into()))
                 }
@@ -1507,13 +1503,19 @@ impl Relay {
         armed: &mut Armed,
     ) -> Poll<RelayEvent> {
         loop {
+            armed.rounds += 1;
+            if armed.rounds > RELAY_ROUNDS {
+                // Polled again at once, after the other tasks that are ready.
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
             // Progress is what was read or framed: writing comes first in each round, so the
             // reads after it already see the room it made, and a round that only wrote needs no
             // other.
             let mut progress = false;
             if let Some(conn) = server.as_deref_mut() {
                 while !self.to_server.is_empty() {
-                    match poll_write_buf(Pin::new(&mut conn.stream), cx, &mut self.to_server) {
+                    match conn.stream.poll_send_buf(cx, &mut self.to_server) {
                         Poll::Ready(Ok(0)) => {
                             return Poll::Ready(RelayEvent::ServerGone(
                                 io::ErrorKind::WriteZero.into(),
@@ -1541,44 +1543,35 @@ impl Relay {
                 if server.is_none() && self.client_in.is_empty() && self.to_client.is_empty() {
                     self.shrink_idle_buffers();
                 }
-                let read = match ready_to_read(client, self.client_drained, cx) {
-                    Poll::Ready(Ok(())) if self.client_in.capacity() > 0 => {
-                        poll_read_more(&mut self.client_in, CLIENT_READ, client, cx)
-                    }
+                // A client without a buffer (between transactions) takes one only once its
+                // socket is readable; while it is not, no system call is made.
+                let readable = if self.client_in.capacity() > 0 || client.read_ready_now() {
+                    Poll::Ready(Ok(()))
+                } else {
+                    client.poll_read_ready(cx)
+                };
+                let read = match readable {
                     Poll::Ready(Ok(())) => {
-                        // Without a buffer, the read goes to the stack first: a buffer is
-                        // taken only for bytes that are there (one readiness poll, not two).
-                        let mut probe = [std::mem::MaybeUninit::<u8>::uninit(); PROBE_READ];
-                        let mut probe = ReadBuf::uninit(&mut probe);
-                        Pin::new(&mut *client)
-                            .poll_read(cx, &mut probe)
-                            .map_ok(|()| {
-                                let got = probe.filled();
-                                if !got.is_empty() {
-                                    self.client_in = buffers::take();
-                                    self.client_in.extend_from_slice(got);
-                                }
-                                (got.len(), got.len() < PROBE_READ)
-                            })
+                        if self.client_in.capacity() == 0 {
+                            self.client_in = buffers::take();
+                        }
+                        read_more(&mut self.client_in, CLIENT_READ, client, cx)
                     }
-                    not_ready => not_ready.map_ok(|()| (0, false)),
+                    Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                    Poll::Pending => Poll::Pending,
                 };
                 match read {
-                    Poll::Ready(Ok((0, _))) => {
+                    Poll::Ready(Ok(0)) => {
                         return Poll::Ready(RelayEvent::ClientGone(
                             io::ErrorKind::UnexpectedEof.into(),
                         ))
                     }
-                    Poll::Ready(Ok((n, drained))) => {
+                    Poll::Ready(Ok(n)) => {
                         metrics::bytes_relayed(Direction::ClientToServer, n as u64);
                         progress = true;
-                        self.client_drained = drained;
                     }
                     Poll::Ready(Err(e)) => return Poll::Ready(RelayEvent::ClientGone(e)),
-                    Poll::Pending => {
-                        armed.client = true;
-                        self.client_drained = false;
-                    }
+                    Poll::Pending => armed.client = true,
                 }
             }
             match self.process_client(server.as_deref_mut(), statements) {
@@ -1599,28 +1592,18 @@ impl Relay {
                 continue;
             };
             if !armed.server && self.to_client.len() < HIGH_WATER {
-                let read = match ready_to_read(&conn.stream, self.server_drained, cx) {
-                    Poll::Ready(Ok(())) => {
-                        poll_read_more(&mut self.server_in, SERVER_READ, &mut conn.stream, cx)
-                    }
-                    not_ready => not_ready.map_ok(|()| (0, false)),
-                };
-                match read {
-                    Poll::Ready(Ok((0, _))) => {
+                match read_more(&mut self.server_in, SERVER_READ, &mut conn.stream, cx) {
+                    Poll::Ready(Ok(0)) => {
                         return Poll::Ready(RelayEvent::ServerGone(
                             io::ErrorKind::UnexpectedEof.into(),
                         ))
                     }
-                    Poll::Ready(Ok((n, drained))) => {
+                    Poll::Ready(Ok(n)) => {
                         metrics::bytes_relayed(Direction::ServerToClient, n as u64);
                         progress = true;
-                        self.server_drained = drained;
                     }
                     Poll::Ready(Err(e)) => return Poll::Ready(RelayEvent::ServerGone(e)),
-                    Poll::Pending => {
-                        armed.server = true;
-                        self.server_drained = false;
-                    }
+                    Poll::Pending => armed.server = true,
                 }
             }
             if self.to_client.capacity() == 0 && !self.server_in.is_empty() {
@@ -1675,33 +1658,19 @@ async fn read_until_closed(stream: &mut Stream, buf: &mut BytesMut) {
     }
 }
 
-/// Reads into the end of `buf`; returns how many bytes arrived (0 = end of stream) and whether
-/// they were fewer than there was room for: the socket was emptied, and tokio cleared its
-/// readiness.
-fn poll_read_more(
+/// Reads into the end of `buf`, with room for at least a quarter of `chunk`: how many bytes
+/// arrived (0 = end of stream).
+#[inline]
+fn read_more(
     buf: &mut BytesMut,
     chunk: usize,
     io: &mut Stream,
     cx: &mut Context<'_>,
-) -> Poll<io::Result<(usize, bool)>> {
+) -> Poll<io::Result<usize>> {
     if buf.capacity() - buf.len() < chunk / 4 {
         buf.reserve(chunk);
     }
-    let room = buf.capacity() - buf.len();
-    let n = ready!(poll_read_buf(Pin::new(io), cx, buf))?;
-    Poll::Ready(Ok((n, n < room)))
-}
-
-/// Before reading a socket that the last read emptied, asks only for its readiness: nearly
-/// always still none, and then the waker is registered without going through a read.
-/// Otherwise (and for TLS, which may hold plaintext) ready at once, and the caller reads.
-#[inline]
-fn ready_to_read(stream: &Stream, drained: bool, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-    if drained {
-        stream.poll_read_ready(cx)
-    } else {
-        Poll::Ready(Ok(()))
-    }
+    io.poll_recv_buf(cx, buf)
 }
 
 /// The SQLSTATE of an ErrorResponse body whose severity is FATAL or PANIC.

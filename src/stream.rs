@@ -5,12 +5,13 @@ use std::io;
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
+use bytes::{Buf, BytesMut};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 
 /// A connection to a client or a server: plain TCP, TLS on either side, or a Unix-domain socket
@@ -47,6 +48,163 @@ impl Stream {
             Stream::Local(s) => s.poll_read_ready(cx),
             _ => Poll::Ready(Ok(())),
         }
+    }
+}
+
+/// The non-blocking calls of a raw socket (TCP or Unix-domain) that the relay's reads and
+/// writes are made of.
+trait RawSocket {
+    fn try_io<R>(&self, interest: Interest, f: impl FnOnce() -> io::Result<R>) -> io::Result<R>;
+    fn try_write(&self, buf: &[u8]) -> io::Result<usize>;
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+    fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+}
+
+macro_rules! raw_socket {
+    ($t:ty) => {
+        impl RawSocket for $t {
+            #[inline]
+            fn try_io<R>(
+                &self,
+                interest: Interest,
+                f: impl FnOnce() -> io::Result<R>,
+            ) -> io::Result<R> {
+                <$t>::try_io(self, interest, f)
+            }
+            #[inline]
+            fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
+                <$t>::try_write(self, buf)
+            }
+            #[inline]
+            fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                <$t>::poll_read_ready(self, cx)
+            }
+            #[inline]
+            fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                <$t>::poll_write_ready(self, cx)
+            }
+        }
+    };
+}
+raw_socket!(TcpStream);
+raw_socket!(UnixStream);
+
+/// One read of a raw socket into `room` bytes of space, through tokio's readiness but not its
+/// task budget (the relay keeps its own): `Ok(None)` without a system call while the socket is
+/// known to be empty. A read that leaves room over emptied the socket, and clears its readiness
+/// then, as tokio's own reads do, so the next read waits for the next event instead of asking
+/// the kernel in vain.
+#[inline]
+fn recv<S: RawSocket>(
+    sock: &S,
+    room: usize,
+    read: impl FnOnce(&S) -> io::Result<usize>,
+) -> io::Result<Option<usize>> {
+    let mut got = 0;
+    let outcome = sock.try_io(Interest::READABLE, || {
+        got = read(sock)?;
+        if got > 0 && got < room {
+            // Emptied: `try_io` clears the readiness this read was made with.
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(())
+    });
+    match outcome {
+        Ok(()) => Ok(Some(got)),
+        // Bytes were read: the error is the one above.
+        Err(_) if got > 0 => Ok(Some(got)),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// `recv` until something was read, the socket is at its end, or it has nothing (the task's
+/// waker registered for it).
+#[inline]
+fn poll_recv<S: RawSocket>(
+    sock: &S,
+    cx: &mut Context<'_>,
+    room: usize,
+    mut read: impl FnMut(&S) -> io::Result<usize>,
+) -> Poll<io::Result<usize>> {
+    loop {
+        match recv(sock, room, &mut read)? {
+            Some(n) => return Poll::Ready(Ok(n)),
+            None => ready!(sock.poll_read_ready(cx))?,
+        }
+    }
+}
+
+/// One write of as much of `data` as the socket takes, like `recv`: a partial write found the
+/// send buffer full and clears the writability it was made with.
+#[inline]
+fn poll_send<S: RawSocket>(sock: &S, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+    loop {
+        let mut sent = 0;
+        let outcome = sock.try_io(Interest::WRITABLE, || {
+            sent = sock.try_write(data)?;
+            if sent < data.len() {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            Ok(())
+        });
+        match outcome {
+            Ok(()) => return Poll::Ready(Ok(sent)),
+            // Bytes were written: the error is the one above.
+            Err(_) if sent > 0 => return Poll::Ready(Ok(sent)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => ready!(sock.poll_write_ready(cx))?,
+            Err(e) => return Poll::Ready(Err(e)),
+        }
+    }
+}
+
+/// The relay's reads and writes. On raw sockets they go through tokio's readiness without its
+/// per-operation task budget and without the `AsyncRead` adapters; TLS streams go through
+/// `AsyncRead`/`AsyncWrite`.
+impl Stream {
+    /// Reads into the spare capacity of `buf` (which the caller reserved): the bytes read, 0 at
+    /// the end of the stream.
+    #[inline]
+    pub fn poll_recv_buf(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut BytesMut,
+    ) -> Poll<io::Result<usize>> {
+        let room = buf.capacity() - buf.len();
+        match self {
+            Stream::Plain(s) => poll_recv(s, cx, room, |s| s.try_read_buf(buf)),
+            Stream::Local(s) => poll_recv(s, cx, room, |s| s.try_read_buf(buf)),
+            tls => tokio_util::io::poll_read_buf(Pin::new(tls), cx, buf),
+        }
+    }
+
+    /// Whether a read may find something now: for a raw socket, tokio saw it readable and no
+    /// read emptied it since (no system call); TLS streams always may (rustls may hold
+    /// plaintext).
+    #[inline]
+    pub fn read_ready_now(&self) -> bool {
+        match self {
+            Stream::Plain(s) => s.try_io(Interest::READABLE, || Ok(())).is_ok(),
+            Stream::Local(s) => s.try_io(Interest::READABLE, || Ok(())).is_ok(),
+            _ => true,
+        }
+    }
+
+    /// Writes from the start of `buf` as much as the socket takes now, and advances `buf` past
+    /// it: the bytes written.
+    #[inline]
+    pub fn poll_send_buf(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut BytesMut,
+    ) -> Poll<io::Result<usize>> {
+        let n = ready!(match self {
+            Stream::Plain(s) => poll_send(s, cx, buf),
+            Stream::Local(s) => poll_send(s, cx, buf),
+            tls => Pin::new(tls).poll_write(cx, buf),
+        })?;
+        buf.advance(n);
+        Poll::Ready(Ok(n))
     }
 }
 
