@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Semaphore, SemaphorePermit};
 use tracing::{debug, info, warn};
 
 use crate::backend::{ServerConn, ServerError, ServerLogin, ServerTarget};
@@ -87,20 +87,25 @@ pub struct PooledServer {
     /// Boxed: a client between transactions keeps a pointer-sized empty slot, not a whole
     /// connection's worth of bytes.
     pub conn: Box<ServerConn>,
-    lease: Lease,
+    slot: Slot,
 }
 
-/// The slot a checked-out connection occupies in its pool. It is made once the connection is
-/// in hand, and counted active by whoever made it (`Pool::take_idle` under the idle lock);
-/// dropping it un-counts it.
-struct Lease {
+/// One of a pool's `size` slots (a semaphore permit, forgotten while held), from the acquire
+/// that took it until its connection goes back or is closed. Dropping it frees the slot, and
+/// un-counts its connection if it was counted active (by whoever checked the connection out,
+/// `Pool::take_idle` under the idle lock). It keeps the pool alive: a checked-out connection
+/// costs one reference count, not one for the pool and one for its semaphore.
+struct Slot {
     pool: Arc<Pool>,
-    _permit: OwnedSemaphorePermit,
+    active: bool,
 }
 
-impl Drop for Lease {
+impl Drop for Slot {
     fn drop(&mut self) {
-        self.pool.counters.active.fetch_sub(1, Ordering::Relaxed);
+        if self.active {
+            self.pool.counters.active.fetch_sub(1, Ordering::Relaxed);
+        }
+        self.pool.permits.add_permits(1);
     }
 }
 
@@ -125,7 +130,7 @@ impl PooledServer {
     /// `release` for a connection whose `last_used` is already up to date (the relay sets it
     /// at the ReadyForQuery that ended its transaction).
     pub fn release_used(self) {
-        let PooledServer { conn, lease } = self;
+        let PooledServer { conn, mut slot } = self;
         if conn.expires <= conn.last_used {
             debug!(server = conn.id, node = %conn.target.node, "server connection reached server_lifetime_ms; closing it");
             tokio::spawn(conn.close());
@@ -133,19 +138,21 @@ impl PooledServer {
         }
         // The connection joins the idle list and leaves the active count under one lock, so
         // a scrape (`Pool::status`) never counts it twice or not at all.
-        let pool = Arc::clone(&lease.pool);
-        let mut idle = pool.lock_idle();
-        idle.push(conn);
-        drop(lease);
-        drop(idle);
+        {
+            let mut idle = slot.pool.lock_idle();
+            idle.push(conn);
+            slot.pool.counters.active.fetch_sub(1, Ordering::Relaxed);
+            slot.active = false;
+        }
+        drop(slot);
     }
 
     /// Closes the connection (politely, in the background) and frees its slot.
     pub fn discard(self) {
-        let PooledServer { conn, lease } = self;
+        let PooledServer { conn, slot } = self;
         debug!(server = conn.id, node = %conn.target.node, "closing server connection");
         tokio::spawn(conn.close());
-        drop(lease);
+        drop(slot);
     }
 }
 
@@ -235,7 +242,7 @@ impl Pool {
     /// free slot, a primary, and an idle connection to it from the current epoch. This is the
     /// path of nearly every transaction; anything else goes through `acquire`.
     pub fn try_acquire_now(self: &Arc<Self>, cluster: &ClusterView) -> Option<PooledServer> {
-        let permit = self.permits.clone().try_acquire_owned().ok()?;
+        let slot = self.try_slot()?;
         let conn = {
             let topology = cluster.topology.borrow();
             let primary = topology.primary_name()?;
@@ -251,7 +258,7 @@ impl Pool {
             conn
         };
         self.metrics.pool_wait(0.0);
-        Some(self.checked_out(conn, permit))
+        Some(self.checked_out(conn, slot))
     }
 
     /// Checks out a server connection to the current primary, waiting at most `wait` for a
@@ -269,12 +276,14 @@ impl Pool {
         // `status` never sees the client in both.
         let mut waiting = Some(metrics::Counted::new(&self.counters.waiting));
         // Fast path without a timer when a slot is free.
-        let permit = match self.permits.clone().try_acquire_owned() {
-            Ok(permit) => Ok(Ok(permit)),
-            Err(_) => tokio::time::timeout(wait, self.permits.clone().acquire_owned()).await,
+        let slot = match self.try_slot() {
+            Some(slot) => Ok(Ok(slot)),
+            None => tokio::time::timeout(wait, self.permits.acquire())
+                .await
+                .map(|permit| permit.map(|permit| self.slot(permit))),
         };
-        let permit = match permit {
-            Ok(Ok(permit)) => permit,
+        let slot = match slot {
+            Ok(Ok(slot)) => slot,
             _ => {
                 metrics::pool_acquire_failed(&self.key.to_string(), AcquireFailure::Timeout);
                 return Err(PoolError::Timeout {
@@ -297,9 +306,9 @@ impl Pool {
         };
         if let Some(conn) = idle {
             self.metrics.pool_wait(waited(started));
-            return Ok(self.checked_out(conn, permit));
+            return Ok(self.checked_out(conn, slot));
         }
-        Box::pin(self.open_or_hold(cluster, permit, started, hold, &mut waiting)).await
+        Box::pin(self.open_or_hold(cluster, slot, started, hold, &mut waiting)).await
     }
 
     /// An idle connection to `primary` from `epoch` on, if there is one; stale ones found on
@@ -327,19 +336,25 @@ impl Pool {
         }
     }
 
-    /// Wraps a connection already counted active, with its slot.
-    fn checked_out(
-        self: &Arc<Self>,
-        conn: Box<ServerConn>,
-        permit: OwnedSemaphorePermit,
-    ) -> PooledServer {
-        PooledServer {
-            conn,
-            lease: Lease {
-                pool: self.clone(),
-                _permit: permit,
-            },
+    /// A free slot, if there is one now.
+    fn try_slot(self: &Arc<Self>) -> Option<Slot> {
+        let permit = self.permits.try_acquire().ok()?;
+        Some(self.slot(permit))
+    }
+
+    /// The slot a permit of this pool's semaphore stands for.
+    fn slot(self: &Arc<Self>, permit: SemaphorePermit<'_>) -> Slot {
+        permit.forget();
+        Slot {
+            pool: self.clone(),
+            active: false,
         }
+    }
+
+    /// Wraps a connection already counted active, with its slot.
+    fn checked_out(&self, conn: Box<ServerConn>, mut slot: Slot) -> PooledServer {
+        slot.active = true;
+        PooledServer { conn, slot }
     }
 
     /// `acquire` once a slot is held but no idle connection was at hand: waits for a primary,
@@ -347,7 +362,7 @@ impl Pool {
     async fn open_or_hold(
         self: &Arc<Self>,
         cluster: &ClusterView,
-        permit: OwnedSemaphorePermit,
+        slot: Slot,
         started: u64,
         hold: Duration,
         waiting: &mut Option<metrics::Counted<'_>>,
@@ -361,7 +376,7 @@ impl Pool {
             };
             if let Some(conn) = self.take_idle(&target.node, epoch, waiting) {
                 self.metrics.pool_wait(waited(started));
-                return Ok(self.checked_out(conn, permit));
+                return Ok(self.checked_out(conn, slot));
             }
             let login = self.lock_login().clone();
             self.pace_connect().await;
@@ -376,7 +391,7 @@ impl Pool {
                         self.counters.active.fetch_add(1, Ordering::Relaxed);
                         drop(waiting.take());
                     }
-                    return Ok(self.checked_out(conn, permit));
+                    return Ok(self.checked_out(conn, slot));
                 }
                 // A server shutting down or starting up (57P0x) is a failing primary, not the
                 // client's error: hold the client like for a refused connection.
