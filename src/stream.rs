@@ -419,3 +419,105 @@ impl rustls::client::danger::ServerCertVerifier for NoVerification {
         self.0.signature_verification_algorithms.supported_schemes()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::future::poll_fn;
+    use std::task::Waker;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn tcp_pair() -> (Stream, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (ours, theirs) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        (Stream::Plain(ours.unwrap()), theirs.unwrap().0)
+    }
+
+    fn unix_pair() -> (Stream, UnixStream) {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        (Stream::Local(ours), theirs)
+    }
+
+    fn poll_once<T>(f: impl FnOnce(&mut Context<'_>) -> Poll<T>) -> Poll<T> {
+        f(&mut Context::from_waker(Waker::noop()))
+    }
+
+    /// Reads what arrived; the read emptied the socket, so its readiness is cleared (the next
+    /// read is `Pending` without a system call, and registers the waker); reads what arrives
+    /// next, and 0 at the end.
+    async fn reads_each_arrival_then_waits(mut ours: Stream, mut theirs: impl AsyncWrite + Unpin) {
+        let mut buf = BytesMut::with_capacity(1024);
+        theirs.write_all(b"hello").await.unwrap();
+        let n = poll_fn(|cx| ours.poll_recv_buf(cx, &mut buf))
+            .await
+            .unwrap();
+        assert_eq!((n, &buf[..]), (5, &b"hello"[..]));
+        assert!(
+            !ours.read_ready_now(),
+            "a read that left room over cleared the readiness"
+        );
+        assert!(poll_once(|cx| ours.poll_recv_buf(cx, &mut buf)).is_pending());
+        theirs.write_all(b" world").await.unwrap();
+        let n = poll_fn(|cx| ours.poll_recv_buf(cx, &mut buf))
+            .await
+            .unwrap();
+        assert_eq!((n, &buf[..]), (6, &b"hello world"[..]));
+        drop(theirs);
+        let n = poll_fn(|cx| ours.poll_recv_buf(cx, &mut buf))
+            .await
+            .unwrap();
+        assert_eq!(n, 0, "the end of the stream");
+    }
+
+    /// Writes until the socket is full (`Pending` after a partial write), then the rest once
+    /// the peer reads: every byte arrives, in order.
+    async fn writes_until_full_then_the_rest(
+        mut ours: Stream,
+        mut theirs: impl AsyncRead + Unpin + Send + 'static,
+    ) {
+        let data: Vec<u8> = (0..8u32 << 20).map(|i| (i % 251) as u8).collect();
+        let mut out = BytesMut::from(&data[..]);
+        while poll_once(|cx| ours.poll_send_buf(cx, &mut out)).is_ready() {}
+        assert!(
+            !out.is_empty() && out.len() < data.len(),
+            "some was written, not all"
+        );
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            theirs.read_to_end(&mut got).await.unwrap();
+            got
+        });
+        while !out.is_empty() {
+            poll_fn(|cx| ours.poll_send_buf(cx, &mut out))
+                .await
+                .unwrap();
+        }
+        drop(ours);
+        assert!(reader.await.unwrap() == data, "every byte, in order");
+    }
+
+    #[tokio::test]
+    async fn tcp_reads_each_arrival_then_waits() {
+        let (ours, theirs) = tcp_pair().await;
+        reads_each_arrival_then_waits(ours, theirs).await;
+    }
+
+    #[tokio::test]
+    async fn unix_reads_each_arrival_then_waits() {
+        let (ours, theirs) = unix_pair();
+        reads_each_arrival_then_waits(ours, theirs).await;
+    }
+
+    #[tokio::test]
+    async fn tcp_writes_until_full_then_the_rest() {
+        let (ours, theirs) = tcp_pair().await;
+        writes_until_full_then_the_rest(ours, theirs).await;
+    }
+
+    #[tokio::test]
+    async fn unix_writes_until_full_then_the_rest() {
+        let (ours, theirs) = unix_pair();
+        writes_until_full_then_the_rest(ours, theirs).await;
+    }
+}
