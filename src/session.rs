@@ -260,12 +260,23 @@ impl Session {
                 return Flow::Continue;
             }
         }
-        // Both futures live in this (boxed) future: a wait costs one allocation.
-        let next = attach(&self.proxy, &self.relay.pool, &self.relay.wanted, have);
-        let gone = read_until_closed(&mut self.stream, &mut self.relay.client_in);
-        let attached = tokio::select! {
-            r = next => Some(r),
-            _ = gone => None,
+        // Both futures live in this (boxed) future: a wait costs one allocation. Pinned where
+        // they are made, so `select!` moves two pointers, not two futures.
+        let attached = {
+            let next = std::pin::pin!(attach(
+                &self.proxy,
+                &self.relay.pool,
+                &self.relay.wanted,
+                have
+            ));
+            let gone = std::pin::pin!(read_until_closed(
+                &mut self.stream,
+                &mut self.relay.client_in
+            ));
+            tokio::select! {
+                r = next => Some(r),
+                _ = gone => None,
+            }
         };
         match attached {
             None => {
