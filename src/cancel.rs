@@ -21,7 +21,8 @@ pub struct CancelTarget {
 /// Where a client's cancel goes now; updated when the client attaches or releases a server.
 #[derive(Debug, Default)]
 pub struct CancelSlot {
-    current: Mutex<Current>,
+    // parking_lot: set twice per transaction, without std's poison bookkeeping.
+    current: parking_lot::Mutex<Current>,
 }
 
 #[derive(Debug, Default)]
@@ -44,8 +45,8 @@ impl CancelForwarded {
 }
 
 impl CancelSlot {
-    fn lock(&self) -> MutexGuard<'_, Current> {
-        self.current.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> parking_lot::MutexGuard<'_, Current> {
+        self.current.lock()
     }
 
     /// Points the client's cancels at `target` (or nowhere). Returns whether a cancel request

@@ -67,8 +67,9 @@ pub struct Pool {
     permits: Arc<Semaphore>,
     // Boxed connections: checking one out or in moves a pointer, and a `PooledServer` (kept
     // by every client, empty between transactions) is pointer-sized.
+    // parking_lot: taken twice per transaction, without std's poison bookkeeping.
     #[allow(clippy::vec_box)]
-    idle: Mutex<Vec<Box<ServerConn>>>,
+    idle: parking_lot::Mutex<Vec<Box<ServerConn>>>,
     counters: Counters,
     /// Prepared statements PostgreSQL accepted on this pool's servers.
     pub known_statements: Arc<KnownStatements>,
@@ -184,7 +185,7 @@ impl Pool {
             login: Mutex::new(login),
             size: AtomicUsize::new(size),
             permits: Arc::new(Semaphore::new(size)),
-            idle: Mutex::new(Vec::new()),
+            idle: parking_lot::Mutex::new(Vec::new()),
             counters: Counters::default(),
             known_statements: Arc::new(KnownStatements::default()),
             param_sets: SharedSets::default(),
@@ -232,10 +233,8 @@ impl Pool {
     }
 
     #[allow(clippy::vec_box)]
-    fn lock_idle(&self) -> MutexGuard<'_, Vec<Box<ServerConn>>> {
-        self.idle
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    fn lock_idle(&self) -> parking_lot::MutexGuard<'_, Vec<Box<ServerConn>>> {
+        self.idle.lock()
     }
 
     /// Checks out the most recently used idle connection when that needs no waiting at all: a
