@@ -276,23 +276,20 @@ impl Pool {
         let mut waiting = Some(metrics::Counted::new(&self.counters.waiting));
         // Fast path without a timer when a slot is free.
         let slot = match self.try_slot() {
-            Some(slot) => Ok(Ok(slot)),
-            None => tokio::time::timeout(wait, self.permits.acquire())
-                .await
-                .map(|permit| permit.map(|permit| self.slot(permit))),
+            Some(slot) => Some(slot),
+            // The wait timed out, or the semaphore closed (it never is).
+            None => match tokio::time::timeout(wait, self.permits.acquire()).await {
+                Ok(Ok(permit)) => Some(self.slot(permit)),
+                _ => None,
+            },
         };
-        let slot = match slot {
-            Ok(Ok(slot)) => slot,
-            _ => {
-                metrics::pool_acquire_failed(&self.key.to_string(), AcquireFailure::Timeout);
-                return Err(PoolError::Timeout {
-                    pool: self.key.clone(),
-                    size: self.size.load(Ordering::Relaxed),
-                    waited_ms: u128::from(
-                        crate::clock::now_micros().saturating_sub(started) / 1000,
-                    ),
-                });
-            }
+        let Some(slot) = slot else {
+            metrics::pool_acquire_failed(&self.key.to_string(), AcquireFailure::Timeout);
+            return Err(PoolError::Timeout {
+                pool: self.key.clone(),
+                size: self.size.load(Ordering::Relaxed),
+                waited_ms: u128::from(crate::clock::now_micros().saturating_sub(started) / 1000),
+            });
         };
         // A client that waited for a busy pool nearly always finds an idle connection now.
         // The rest (no primary yet, opening a connection, holding through a failover) is
