@@ -7,13 +7,18 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::{simple_value, within, TestEnv, PASSWORD, USER};
-use pgswitch::config::PoolMode;
+use pgswitch::config::{Config, PoolMode};
 use pgswitch::harness::ClusterSpec;
 use tokio_postgres::NoTls;
 
 const STEP: Duration = Duration::from_secs(30);
 
 async fn transaction_env(pool_size: usize) -> TestEnv {
+    transaction_env_with(pool_size, |_| {}).await
+}
+
+/// A one-node cluster behind pgswitch in transaction mode, with more settings from `tweak`.
+async fn transaction_env_with(pool_size: usize, tweak: impl FnOnce(&mut Config)) -> TestEnv {
     TestEnv::start(
         ClusterSpec {
             standbys: 0,
@@ -23,6 +28,7 @@ async fn transaction_env(pool_size: usize) -> TestEnv {
             c.pool_mode = PoolMode::Transaction;
             c.default_pool_size = pool_size;
             c.pool_timeout_ms = 60_000;
+            tweak(c);
         },
     )
     .await
@@ -251,6 +257,38 @@ async fn psycopg_and_asyncpg_run_prepared_statements_with_50_clients_over_5_serv
     common::python::report_pytest("tests/python_tx", &output);
 }
 
+/// Both Python drivers at once, 32 clients over 4 servers that expire every second and keep two
+/// prepared statements each: prepared statements, pipelines, cursors, transactions, SETs,
+/// CopyFail, clients vanishing mid-result and clients cancelling their own queries. Each client
+/// checks every answer (tests/python_mixed, which passes against PostgreSQL directly too).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mixed_drivers_with_cancels_vanishing_clients_and_server_churn_never_disturb_each_other() {
+    common::python::require_python_modules("psycopg, pytest, asyncpg");
+    let env = transaction_env_with(4, |c| {
+        c.prepared_statement_cache_size = 2;
+        c.server_lifetime_ms = 1_000;
+    })
+    .await;
+    let dsn = env.app_dsn();
+    let output =
+        tokio::task::spawn_blocking(move || common::python::run_pytest("tests/python_mixed", dsn))
+            .await
+            .expect("pytest task")
+            .unwrap_or_else(|e| panic!("cannot run python3 -m pytest: {e}"));
+    common::python::report_pytest("tests/python_mixed", &output);
+    // The 20 s run kept to its 4 servers, and replaced them as they reached their lifetime.
+    let servers = env.cluster.nodes[0]
+        .psql(
+            "SELECT count(*), count(*) FILTER (WHERE backend_start < now() - interval '10 s') \
+             FROM pg_stat_activity WHERE usename = 'app' AND backend_type = 'client backend'",
+        )
+        .expect("pg_stat_activity");
+    let (all, old) = servers.trim().split_once('|').expect("two counts");
+    let (all, old): (u32, u32) = (all.parse().expect("count"), old.parse().expect("count"));
+    assert!(all <= 4, "{all} server connections for a pool of 4");
+    assert_eq!(old, 0, "server connections outlived their 1 s lifetime");
+}
+
 /// Backend pids of pgswitch's server connections on the primary, with their start times.
 fn app_backends(env: &TestEnv) -> Vec<(i64, f64)> {
     env.cluster.nodes[0]
@@ -269,20 +307,12 @@ fn app_backends(env: &TestEnv) -> Vec<(i64, f64)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_connections_keep_a_minimum_expire_with_their_lifetime_and_open_at_a_bounded_rate() {
-    let env = TestEnv::start(
-        ClusterSpec {
-            standbys: 0,
-            ..ClusterSpec::default()
-        },
-        |c| {
-            c.pool_mode = PoolMode::Transaction;
-            c.default_pool_size = 10;
-            c.min_pool_size = 3;
-            c.server_lifetime_ms = 2_000;
-            c.server_connect_rate = 5;
-            c.server_idle_timeout_ms = 60_000;
-        },
-    )
+    let env = transaction_env_with(10, |c| {
+        c.min_pool_size = 3;
+        c.server_lifetime_ms = 2_000;
+        c.server_connect_rate = 5;
+        c.server_idle_timeout_ms = 60_000;
+    })
     .await;
     let client = env.connect().await;
     client.simple_query("SELECT 1").await.expect("query");
