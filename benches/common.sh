@@ -229,6 +229,7 @@ workers = ${BENCH_WORKERS:-1}
 default_pool_size = $POOL
 max_client_connections = 10000
 auth_type = "scram-sha-256"
+${BENCH_SW_SETTINGS:-}
 
 [[users]]
 name = "app"

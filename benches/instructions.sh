@@ -46,6 +46,8 @@
 #   BENCH_WORKERS       pgswitch worker threads (config key workers), default 1, like PgBouncer
 #   BENCH_SERVER_SOCKET=1  both proxies reach PostgreSQL over its Unix-domain socket
 #   BENCH_SKIP_BUILD=1  use the existing target/release/pgswitch
+#   BENCH_SW_SETTINGS   more top-level pgswitch settings, one "key = value" per line (e.g.
+#                       'idle_transaction_timeout_ms = 60000'), to see what a setting costs
 #   BENCH_PGO=1         the profile-guided build, target/pgo/release/pgswitch (scripts/build-pgo.sh)
 #   BENCH_KEEP=1        keep the temporary directory (logs, callgrind dumps) after the run
 #

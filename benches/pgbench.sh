@@ -20,6 +20,8 @@
 #   BENCH_FLOOR=0       skip the floor: examples/forward.rs, a 1:1 byte forwarder with no pooling
 #                       or parsing (one epoll thread; TCP to PostgreSQL, so skipped with
 #                       BENCH_SERVER_SOCKET=1), the most TPS a proxy reaches here without pooling
+#   BENCH_SW_SETTINGS   more top-level pgswitch settings, one "key = value" per line (e.g.
+#                       'idle_transaction_timeout_ms = 60000'), to see what a setting costs
 #   BENCH_PGO=1         run the profile-guided build, target/pgo/release/pgswitch (built first by
 #                       scripts/build-pgo.sh, ~10 min, unless BENCH_SKIP_BUILD=1)
 #   BENCH_SKIP_BUILD=1  use the existing target/release/pgswitch (and examples/forward)

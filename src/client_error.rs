@@ -104,6 +104,24 @@ impl ClientError {
         )
     }
 
+    /// `idle_transaction_timeout_ms`: PostgreSQL's words for its own such timeout.
+    pub fn idle_in_transaction_timeout() -> ClientError {
+        Self::new(
+            Severity::Fatal,
+            "25P03",
+            "terminating connection due to idle-in-transaction timeout",
+        )
+    }
+
+    /// `client_idle_timeout_ms`: PostgreSQL's words for its `idle_session_timeout`.
+    pub fn idle_session_timeout() -> ClientError {
+        Self::new(
+            Severity::Fatal,
+            "57P05",
+            "terminating connection due to idle-session timeout",
+        )
+    }
+
     pub fn shutting_down() -> ClientError {
         Self::new(Severity::Fatal, "57P01", "pgswitch is shutting down")
     }

@@ -51,6 +51,11 @@ pub fn micros(at: Instant) -> u64 {
         .saturating_add(1)
 }
 
+/// The `Instant` of a [`now_micros`] stamp (the inverse of [`micros`]).
+pub fn instant(micros: u64) -> Instant {
+    start().0 + std::time::Duration::from_micros(micros.saturating_sub(1))
+}
+
 /// Seconds from `from` to `to` (both [`now_micros`] stamps), 0 if `to` is earlier.
 pub fn seconds_between(from: u64, to: u64) -> f64 {
     to.saturating_sub(from) as f64 / 1e6

@@ -99,6 +99,15 @@ pub struct Config {
     /// becomes a connection storm on PostgreSQL; 0 = no limit.
     #[serde(default = "defaults::server_connect_rate")]
     pub server_connect_rate: u32,
+    /// A client idle inside a transaction (its server holding the transaction open, nothing
+    /// sent since the last answer) for this long is closed with FATAL 25P03, and its
+    /// transaction rolled back; 0 = never (PgBouncer's `idle_transaction_timeout`).
+    #[serde(default)]
+    pub idle_transaction_timeout_ms: u64,
+    /// A client idle outside a transaction for this long is closed with FATAL 57P05; 0 =
+    /// never (PgBouncer's `client_idle_timeout`).
+    #[serde(default)]
+    pub client_idle_timeout_ms: u64,
     /// Threads that run the proxy; 0 = one per CPU core.
     #[serde(default)]
     pub workers: usize,

@@ -129,6 +129,7 @@ pub const QUERY_DURATION: &str = "pgswitch_query_duration_seconds";
 pub const TRANSACTION_DURATION: &str = "pgswitch_transaction_duration_seconds";
 pub const RELAYED_BYTES: &str = "pgswitch_relayed_bytes_total";
 pub const SESSION_STATE_HAZARDS: &str = "pgswitch_session_state_hazards_total";
+pub const CLIENT_IDLE_TIMEOUTS: &str = "pgswitch_client_idle_timeouts_total";
 pub const PAUSED: &str = "pgswitch_paused";
 pub const NODE_UP: &str = "pgswitch_node_up";
 pub const NODE_ROLE: &str = "pgswitch_node_role";
@@ -171,6 +172,7 @@ pub const CATALOG: &[MetricDef] = &[
     hist(TRANSACTION_DURATION, &["pool"], LATENCY_BUCKETS, "Transaction latency, from its first query to the ReadyForQuery that ends it."),
     def(RELAYED_BYTES, Kind::Counter, &["direction"], Some(Unit::Bytes), "Bytes relayed between clients and servers, by direction: client_to_server, server_to_client."),
     def(SESSION_STATE_HAZARDS, Kind::Counter, &["kind"], Some(Unit::Count), "Session state used in transaction pooling mode that does not survive a server change, by kind: prepare, listen, advisory_lock, temp_table, set."),
+    def(CLIENT_IDLE_TIMEOUTS, Kind::Counter, &["kind"], Some(Unit::Count), "Clients closed for sitting idle, by kind: transaction (idle_transaction_timeout_ms), session (client_idle_timeout_ms)."),
     def(PAUSED, Kind::Gauge, &[], None, "1 while paused by the admin API (POST /pause), else 0."),
     def(NODE_UP, Kind::Gauge, &["node"], None, "1 if the last diagnosis of the node succeeded, else 0."),
     def(NODE_ROLE, Kind::Gauge, &["node", "role"], None, "1 for the node's role as last diagnosed (primary, standby, unknown), 0 for the other roles."),
@@ -284,6 +286,25 @@ impl Hazard {
             Hazard::AdvisoryLock => "advisory_lock",
             Hazard::TempTable => "temp_table",
             Hazard::Set => "set",
+        }
+    }
+}
+
+/// Why a client was closed for sitting idle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdleTimeout {
+    /// Inside a transaction: `idle_transaction_timeout_ms`.
+    Transaction,
+    /// Outside one: `client_idle_timeout_ms`.
+    Session,
+}
+
+impl IdleTimeout {
+    pub const ALL: [IdleTimeout; 2] = [IdleTimeout::Transaction, IdleTimeout::Session];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IdleTimeout::Transaction => "transaction",
+            IdleTimeout::Session => "session",
         }
     }
 }
@@ -475,6 +496,9 @@ fn seed() {
     }
     for kind in Hazard::ALL {
         counter!(SESSION_STATE_HAZARDS, "kind" => kind.as_str()).increment(0);
+    }
+    for kind in IdleTimeout::ALL {
+        counter!(CLIENT_IDLE_TIMEOUTS, "kind" => kind.as_str()).increment(0);
     }
     for mode in FailoverMode::ALL {
         for result in FailoverResult::ALL {
@@ -771,6 +795,12 @@ pub fn server_connect_failed(node: &str) {
 pub fn session_state_hazard(kind: Hazard) {
     ready();
     counter!(SESSION_STATE_HAZARDS, "kind" => kind.as_str()).increment(1);
+}
+
+/// A client was closed for sitting idle.
+pub fn client_idle_timeout(kind: IdleTimeout) {
+    ready();
+    counter!(CLIENT_IDLE_TIMEOUTS, "kind" => kind.as_str()).increment(1);
 }
 
 /// A configuration reload was applied (`ok = true`) or rejected.

@@ -11,7 +11,9 @@
 //! when the client sends something and returns it when the server reports idle ('I') with
 //! nothing outstanding.
 
+use std::future::Future;
 use std::io;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
@@ -29,7 +31,7 @@ use crate::client_error::ClientError;
 use crate::clock;
 use crate::config::PoolMode;
 use crate::frontend::{refuse, LoggedIn, Proxy};
-use crate::metrics::{self, AbortOutcome, Direction, Hazard};
+use crate::metrics::{self, AbortOutcome, Direction, Hazard, IdleTimeout};
 use crate::params::ParamSet;
 use crate::pool::{Pool, PoolKey, PooledServer};
 use crate::prepared::{self, BindStart, ClientStatements, Pending, Tracker, Verdict};
@@ -85,6 +87,18 @@ struct Session {
     cancel: CancelKey,
     id: u64,
     _slot: OwnedSemaphorePermit,
+    /// Only when an idle timeout is configured: clients without carry 8 bytes for it.
+    idle: Option<Box<IdleClock>>,
+}
+
+/// A client's idle time, for `idle_transaction_timeout_ms` and `client_idle_timeout_ms`.
+struct IdleClock {
+    /// Transaction mode, between transactions: when the client's last transaction ended (its
+    /// server's last answer), or when it logged in. With a server attached, the server's
+    /// `last_used` (its last ReadyForQuery) is the same stamp, kept without a store here.
+    since: u64,
+    /// Armed while the client is idle.
+    timer: Pin<Box<tokio::time::Sleep>>,
 }
 
 impl Drop for Session {
@@ -117,13 +131,17 @@ impl ClientSession {
             let end = std::future::poll_fn(|cx| {
                 let mut armed = Armed::default();
                 loop {
-                    let event = ready!(s.relay.poll(
+                    let event = match s.relay.poll(
                         cx,
                         &mut s.stream,
                         s.server.as_mut().map(|s| &mut *s.conn),
                         &mut s.statements,
                         &mut armed,
-                    ));
+                    ) {
+                        Poll::Ready(event) => event,
+                        Poll::Pending if s.idle.is_none() => return Poll::Pending,
+                        Poll::Pending => RelayEvent::Idle(ready!(s.poll_idle(cx))),
+                    };
                     match event {
                         RelayEvent::NeedServer if s.attach_now() => armed.server = false,
                         RelayEvent::ServerIdle if !s.relay.relearn => {
@@ -139,6 +157,11 @@ impl ClientSession {
                 RelayEvent::NeedServer => Box::pin(s.attach_waiting()).await,
                 other => Box::pin(s.on_event(other)).await,
             };
+            if let Some(idle) = s.idle.as_deref_mut() {
+                // What these events end in (a server released after a read-back, an error
+                // answered by pgswitch) is the client's latest activity.
+                idle.since = clock::now_micros();
+            }
             if flow == Flow::End {
                 break;
             }
@@ -204,6 +227,15 @@ impl Session {
         greeting.extend_from_slice(&server.conn.pending.split());
 
         let mut relay = Relay::new(&proxy, mode, wanted, &pool);
+        let settings = &relay.settings;
+        let idle = (settings.idle_transaction_timeout > 0 || settings.client_idle_timeout > 0)
+            .then(|| {
+                Box::new(IdleClock {
+                    since: clock::now_micros(),
+                    // Set to a real deadline on first use.
+                    timer: Box::pin(tokio::time::sleep(Duration::from_secs(86_400 * 365))),
+                })
+            });
         relay.to_client = greeting;
         relay.client_in = leftover;
         let server = match mode {
@@ -227,7 +259,60 @@ impl Session {
             cancel,
             id,
             _slot: slot,
+            idle,
         }))
+    }
+
+    /// Ready when the client has sat idle past its timeout (`idle_transaction_timeout_ms`
+    /// inside a transaction, `client_idle_timeout_ms` outside). The timer is armed lazily: a
+    /// later deadline (a newer answer) leaves it as it is, and when it fires early it is moved
+    /// to the deadline of now. So a busy client only compares two numbers per poll.
+    #[inline(never)]
+    fn poll_idle(&mut self, cx: &mut Context<'_>) -> Poll<IdleTimeout> {
+        let Some(idle) = self.idle.as_deref_mut() else {
+            return Poll::Pending;
+        };
+        let relay = &self.relay;
+        let settings = &relay.settings;
+        let (kind, limit, since) = match &self.server {
+            Some(s) if relay.server_status != b'I' => (
+                IdleTimeout::Transaction,
+                settings.idle_transaction_timeout,
+                s.conn.last_used,
+            ),
+            Some(s) => (
+                IdleTimeout::Session,
+                settings.client_idle_timeout,
+                s.conn.last_used,
+            ),
+            None => (
+                IdleTimeout::Session,
+                settings.client_idle_timeout,
+                idle.since,
+            ),
+        };
+        if limit == 0
+            || relay.client_done
+            || !relay.client_in.is_empty()
+            || !relay.to_client.is_empty()
+            || !relay.server_is_quiet()
+        {
+            return Poll::Pending;
+        }
+        let at = tokio::time::Instant::from_std(clock::instant(since.saturating_add(limit)));
+        let timer = &mut idle.timer;
+        // Earlier than the armed deadline (the other timeout, or the first use), or the armed
+        // one passed while the client was busy: move it. Later: let it fire, then move it.
+        if at < timer.deadline() || timer.is_elapsed() {
+            timer.as_mut().reset(at);
+        }
+        loop {
+            ready!(timer.as_mut().poll(cx));
+            if tokio::time::Instant::now() >= at {
+                return Poll::Ready(kind);
+            }
+            timer.as_mut().reset(at);
+        }
     }
 
     /// Nearly every transaction: an idle server that already has the client's parameters,
@@ -306,6 +391,9 @@ impl Session {
     fn release_server(&mut self) {
         let cancelled = self.cancel.slot.set(None);
         if let Some(mut s) = self.server.take() {
+            if let Some(idle) = self.idle.as_deref_mut() {
+                idle.since = s.conn.last_used;
+            }
             self.relay.return_buffers(&mut s.conn);
             match cancelled {
                 // Its last ReadyForQuery (which made it idle) set its last use.
@@ -428,6 +516,21 @@ impl Session {
                 Flow::End
             }
             RelayEvent::ServerGone(e) => self.server_gone(e, true).await,
+            RelayEvent::Idle(kind) => {
+                info!(client = id, kind = kind.as_str(), "closing idle client");
+                metrics::client_idle_timeout(kind);
+                let error = match kind {
+                    IdleTimeout::Transaction => ClientError::idle_in_transaction_timeout(),
+                    IdleTimeout::Session => ClientError::idle_session_timeout(),
+                };
+                refuse(&mut self.stream, &error).await;
+                // Nothing is in flight: the server goes back after a ROLLBACK (or its reset).
+                let cancelled = self.cancel.slot.set(None);
+                if let Some(s) = self.server.take() {
+                    return_server(&self.proxy, s, &self.relay, cancelled).await;
+                }
+                Flow::End
+            }
         }
     }
 
@@ -516,6 +619,10 @@ pub struct RelaySettings {
     pub max_message: usize,
     /// `prepared_statement_cache_size`.
     pub cache_size: usize,
+    /// `idle_transaction_timeout_ms`, in microseconds (0: never).
+    pub idle_transaction_timeout: u64,
+    /// `client_idle_timeout_ms`, in microseconds (0: never).
+    pub client_idle_timeout: u64,
 }
 
 impl RelaySettings {
@@ -528,6 +635,8 @@ impl RelaySettings {
                 .collect(),
             max_message: config.max_message_bytes,
             cache_size: config.prepared_statement_cache_size,
+            idle_transaction_timeout: config.idle_transaction_timeout_ms.saturating_mul(1_000),
+            client_idle_timeout: config.client_idle_timeout_ms.saturating_mul(1_000),
         }
     }
 }
@@ -735,6 +844,8 @@ enum RelayEvent {
     ClientProtocol(WireError),
     /// The server's socket closed or failed.
     ServerGone(io::Error),
+    /// The client sat idle past one of its timeouts.
+    Idle(IdleTimeout),
 }
 
 /// Sockets whose read came back `Pending` in the current poll of the session's task. Pending

@@ -1656,3 +1656,31 @@ async fn the_client_beyond_max_client_connections_gets_53300_and_the_others_keep
     }
     panic_watch::assert_no_proxy_panics();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_idle_in_a_transaction_is_closed_and_its_transaction_rolled_back() {
+    let env = env(|c| {
+        c.idle_transaction_timeout_ms = 300;
+        c.default_pool_size = 1;
+        c.pool_timeout_ms = 20_000;
+    })
+    .await;
+    let dsn = env.app_dsn();
+    let setup = env.connect().await;
+    setup
+        .simple_query("CREATE TABLE idle_s (n int)")
+        .await
+        .expect("create table");
+    drop(setup);
+    let (a, a_conn) = common::connect_watched(&dsn).await;
+    a.simple_query("BEGIN; INSERT INTO idle_s VALUES (1)")
+        .await
+        .expect("A's transaction");
+    // The session's server comes back to the pool (after a ROLLBACK) for the next client.
+    let b = within("B's login", STEP, env.connect()).await;
+    assert_eq!(common::ended_with("A", a_conn).await, "25P03");
+    assert_eq!(simple_value(&b, "SELECT count(*) FROM idle_s").await, "0");
+    // Outside a transaction there is no limit unless client_idle_timeout_ms is set.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(simple_value(&b, "SELECT 1").await, "1");
+}

@@ -6,7 +6,7 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{simple_value, within, TestEnv, PASSWORD, USER};
+use common::{connect_watched, ended_with, simple_value, within, TestEnv, PASSWORD, USER};
 use pgswitch::config::{Config, PoolMode};
 use pgswitch::harness::ClusterSpec;
 use tokio_postgres::NoTls;
@@ -797,4 +797,72 @@ async fn session_parameters_follow_each_client_and_never_leak_to_another() {
     );
     assert_eq!(simple_value(&started, timeout).await, "1234ms");
     assert_eq!(simple_value(&plain, timeout).await, "0");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_clients_are_closed_after_their_timeouts_and_free_their_server() {
+    let env = transaction_env_with(1, |c| {
+        c.idle_transaction_timeout_ms = 400;
+        c.client_idle_timeout_ms = 1_500;
+        c.pool_timeout_ms = 20_000;
+    })
+    .await;
+    let dsn = env.app_dsn();
+    env.connect()
+        .await
+        .simple_query("CREATE TABLE idle_t (n int)")
+        .await
+        .expect("create table");
+
+    // A opens a transaction and goes quiet, holding the pool's only server: B waits for it.
+    let (a, a_conn) = connect_watched(&dsn).await;
+    a.simple_query("BEGIN; INSERT INTO idle_t VALUES (1)")
+        .await
+        .expect("A's transaction");
+    // (pgswitch gives a logging-in client its greeting from a server: B's wait starts there.)
+    let started = std::time::Instant::now();
+    let b = within("B's login", STEP, env.connect()).await;
+    within("B's query", STEP, b.simple_query("SELECT 1"))
+        .await
+        .expect("B gets the server A held");
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "B got a server while A still held the only one ({:?})",
+        started.elapsed()
+    );
+    assert_eq!(ended_with("A", a_conn).await, "25P03");
+    assert!(a.simple_query("SELECT 1").await.is_err(), "A is closed");
+    assert_eq!(
+        simple_value(&b, "SELECT count(*) FROM idle_t").await,
+        "0",
+        "A's transaction was rolled back"
+    );
+
+    // Busy inside a transaction is not idle: a long query, then statements 150 ms apart.
+    let c = env.connect().await;
+    c.simple_query("BEGIN; SELECT pg_sleep(0.8); INSERT INTO idle_t VALUES (2)")
+        .await
+        .expect("a query longer than the idle timeout");
+    for _ in 0..8 {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        c.simple_query("SELECT 1")
+            .await
+            .expect("a statement inside the transaction");
+    }
+    c.simple_query("COMMIT").await.expect("commit");
+    assert_eq!(simple_value(&c, "SELECT count(*) FROM idle_t").await, "1");
+    drop(c);
+
+    // Outside a transaction: D sits idle and is closed; E, querying every 500 ms, is not
+    // (its SETs of search_path end in pgswitch reading the value back, the slow path).
+    let (d, d_conn) = connect_watched(&dsn).await;
+    d.simple_query("SELECT 1").await.expect("D's query");
+    let e = env.connect().await;
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        e.simple_query("SET search_path TO public")
+            .await
+            .expect("a client that keeps working stays");
+    }
+    assert_eq!(ended_with("D", d_conn).await, "57P05");
 }

@@ -122,6 +122,33 @@ pub async fn connect(dsn: &str) -> tokio_postgres::Client {
     client
 }
 
+/// A client connection whose connection task's end (and error) the test can await.
+pub async fn connect_watched(
+    dsn: &str,
+) -> (
+    tokio_postgres::Client,
+    tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>,
+) {
+    let (client, connection) = tokio_postgres::connect(dsn, tokio_postgres::NoTls)
+        .await
+        .expect("connect through pgswitch");
+    (client, tokio::spawn(connection))
+}
+
+/// The SQLSTATE a connection ended with.
+pub async fn ended_with(
+    what: &str,
+    connection: tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>,
+) -> String {
+    let end = within(what, Duration::from_secs(20), connection)
+        .await
+        .expect("connection task");
+    let e = end.expect_err("the connection ends with an error");
+    e.code()
+        .map(|c| c.code().to_string())
+        .unwrap_or_else(|| panic!("{what}: ended without a SQLSTATE: {e}"))
+}
+
 /// The first column of the first row a simple query returns, as text (`<NULL>` for NULL);
 /// fails the test on an error, no row, or no answer within 30 s.
 pub async fn simple_value(client: &tokio_postgres::Client, sql: &str) -> String {
