@@ -93,9 +93,10 @@ struct Session {
 
 /// A client's idle time, for `idle_transaction_timeout_ms` and `client_idle_timeout_ms`.
 struct IdleClock {
-    /// Transaction mode, between transactions: when the client's last transaction ended (its
-    /// server's last answer), or when it logged in. With a server attached, the server's
-    /// `last_used` (its last ReadyForQuery) is the same stamp, kept without a store here.
+    /// When the client logged in, its last transaction ended (transaction mode: its server's
+    /// last answer), or an event pgswitch handled for it ended. With a server attached, the
+    /// later of this and the server's `last_used` (its last ReadyForQuery, stamped by the
+    /// relay without a store here).
     since: u64,
     /// Armed while the client is idle.
     timer: Pin<Box<tokio::time::Sleep>>,
@@ -274,16 +275,18 @@ impl Session {
         };
         let relay = &self.relay;
         let settings = &relay.settings;
+        // A server's last answer counts only from when this client got it: a server that
+        // rested in the pool was idle, not the client.
         let (kind, limit, since) = match &self.server {
             Some(s) if relay.server_status != b'I' => (
                 IdleTimeout::Transaction,
                 settings.idle_transaction_timeout,
-                s.conn.last_used,
+                s.conn.last_used.max(idle.since),
             ),
             Some(s) => (
                 IdleTimeout::Session,
                 settings.client_idle_timeout,
-                s.conn.last_used,
+                s.conn.last_used.max(idle.since),
             ),
             None => (
                 IdleTimeout::Session,
