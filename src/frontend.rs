@@ -98,6 +98,29 @@ pub struct Proxy {
     paused: watch::Sender<bool>,
     /// Shutdown's grace period is over: a session that ends now tells its client why.
     closing: std::sync::atomic::AtomicBool,
+    /// The idle timeouts, read by every session while its client is idle: a reload changes
+    /// them for clients already connected too.
+    pub idle_limits: IdleLimits,
+}
+
+/// `idle_transaction_timeout_ms` and `client_idle_timeout_ms`, in microseconds (0: never).
+#[derive(Default)]
+pub struct IdleLimits {
+    /// Either is set: sessions look at their idle time at all.
+    pub on: std::sync::atomic::AtomicBool,
+    pub transaction: AtomicU64,
+    pub client: AtomicU64,
+}
+
+impl IdleLimits {
+    fn set(&self, config: &Config) {
+        let transaction = config.idle_transaction_timeout_ms.saturating_mul(1_000);
+        let client = config.client_idle_timeout_ms.saturating_mul(1_000);
+        self.transaction.store(transaction, Ordering::Relaxed);
+        self.client.store(client, Ordering::Relaxed);
+        self.on
+            .store(transaction > 0 || client > 0, Ordering::Relaxed);
+    }
 }
 
 impl Proxy {
@@ -109,6 +132,8 @@ impl Proxy {
         switchover: Option<SwitchoverHandle>,
     ) -> Proxy {
         let max_clients = live.config.max_client_connections;
+        let idle_limits = IdleLimits::default();
+        idle_limits.set(&live.config);
         Proxy {
             live: std::sync::RwLock::new(Arc::new(live)),
             fences,
@@ -121,6 +146,7 @@ impl Proxy {
             next_client_id: AtomicU64::new(1),
             paused: watch::Sender::new(false),
             closing: std::sync::atomic::AtomicBool::new(false),
+            idle_limits,
         }
     }
 
@@ -206,6 +232,7 @@ impl Proxy {
                 new.server_tls,
             );
         }
+        self.idle_limits.set(&live.config);
         *self.live.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(live);
         info!(restart_needed = ?restart, "configuration reloaded");
         restart

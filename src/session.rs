@@ -87,7 +87,8 @@ struct Session {
     cancel: CancelKey,
     id: u64,
     _slot: OwnedSemaphorePermit,
-    /// Only when an idle timeout is configured: clients without carry 8 bytes for it.
+    /// Made when an idle timeout is configured (at login, or at the first idle moment after a
+    /// reload sets one): clients without carry 8 bytes for it.
     idle: Option<Box<IdleClock>>,
 }
 
@@ -100,6 +101,17 @@ struct IdleClock {
     since: u64,
     /// Armed while the client is idle.
     timer: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl IdleClock {
+    /// Idle from now on.
+    fn new() -> Box<IdleClock> {
+        Box::new(IdleClock {
+            since: clock::now_micros(),
+            // Set to a real deadline on first use.
+            timer: Box::pin(tokio::time::sleep(Duration::from_secs(86_400 * 365))),
+        })
+    }
 }
 
 impl Drop for Session {
@@ -140,7 +152,9 @@ impl ClientSession {
                         &mut armed,
                     ) {
                         Poll::Ready(event) => event,
-                        Poll::Pending if s.idle.is_none() => return Poll::Pending,
+                        Poll::Pending if !s.proxy.idle_limits.on.load(Ordering::Relaxed) => {
+                            return Poll::Pending
+                        }
                         Poll::Pending => RelayEvent::Idle(ready!(s.poll_idle(cx))),
                     };
                     match event {
@@ -228,15 +242,11 @@ impl Session {
         greeting.extend_from_slice(&server.conn.pending.split());
 
         let mut relay = Relay::new(&proxy, mode, wanted, &pool);
-        let settings = &relay.settings;
-        let idle = (settings.idle_transaction_timeout > 0 || settings.client_idle_timeout > 0)
-            .then(|| {
-                Box::new(IdleClock {
-                    since: clock::now_micros(),
-                    // Set to a real deadline on first use.
-                    timer: Box::pin(tokio::time::sleep(Duration::from_secs(86_400 * 365))),
-                })
-            });
+        let idle = proxy
+            .idle_limits
+            .on
+            .load(Ordering::Relaxed)
+            .then(IdleClock::new);
         relay.to_client = greeting;
         relay.client_in = leftover;
         let server = match mode {
@@ -270,27 +280,25 @@ impl Session {
     /// to the deadline of now. So a busy client only compares two numbers per poll.
     #[inline(never)]
     fn poll_idle(&mut self, cx: &mut Context<'_>) -> Poll<IdleTimeout> {
-        let Some(idle) = self.idle.as_deref_mut() else {
-            return Poll::Pending;
-        };
+        let limits = &self.proxy.idle_limits;
+        let idle = self.idle.get_or_insert_with(IdleClock::new);
         let relay = &self.relay;
-        let settings = &relay.settings;
         // A server's last answer counts only from when this client got it: a server that
         // rested in the pool was idle, not the client.
         let (kind, limit, since) = match &self.server {
             Some(s) if relay.server_status != b'I' => (
                 IdleTimeout::Transaction,
-                settings.idle_transaction_timeout,
+                limits.transaction.load(Ordering::Relaxed),
                 s.conn.last_used.max(idle.since),
             ),
             Some(s) => (
                 IdleTimeout::Session,
-                settings.client_idle_timeout,
+                limits.client.load(Ordering::Relaxed),
                 s.conn.last_used.max(idle.since),
             ),
             None => (
                 IdleTimeout::Session,
-                settings.client_idle_timeout,
+                limits.client.load(Ordering::Relaxed),
                 idle.since,
             ),
         };
@@ -622,10 +630,6 @@ pub struct RelaySettings {
     pub max_message: usize,
     /// `prepared_statement_cache_size`.
     pub cache_size: usize,
-    /// `idle_transaction_timeout_ms`, in microseconds (0: never).
-    pub idle_transaction_timeout: u64,
-    /// `client_idle_timeout_ms`, in microseconds (0: never).
-    pub client_idle_timeout: u64,
 }
 
 impl RelaySettings {
@@ -638,8 +642,6 @@ impl RelaySettings {
                 .collect(),
             max_message: config.max_message_bytes,
             cache_size: config.prepared_statement_cache_size,
-            idle_transaction_timeout: config.idle_transaction_timeout_ms.saturating_mul(1_000),
-            client_idle_timeout: config.client_idle_timeout_ms.saturating_mul(1_000),
         }
     }
 }
