@@ -534,12 +534,13 @@ impl Session {
                     IdleTimeout::Transaction => ClientError::idle_in_transaction_timeout(),
                     IdleTimeout::Session => ClientError::idle_session_timeout(),
                 };
-                refuse(&mut self.stream, &error).await;
-                // Nothing is in flight: the server goes back after a ROLLBACK (or its reset).
+                // Nothing is in flight: the server goes back after a ROLLBACK (or its reset),
+                // first, for the clients waiting for it; then the client gets its error.
                 let cancelled = self.cancel.slot.set(None);
                 if let Some(s) = self.server.take() {
                     return_server(&self.proxy, s, &self.relay, cancelled).await;
                 }
+                refuse(&mut self.stream, &error).await;
                 Flow::End
             }
         }

@@ -1688,7 +1688,7 @@ async fn a_session_idle_in_a_transaction_is_closed_and_its_transaction_rolled_ba
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_idle_outside_a_transaction_is_closed_counting_from_its_own_login() {
     let env = env(|c| {
-        c.client_idle_timeout_ms = 1_000;
+        c.client_idle_timeout_ms = 2_000;
         c.default_pool_size = 1;
     })
     .await;
@@ -1698,9 +1698,9 @@ async fn a_session_idle_outside_a_transaction_is_closed_counting_from_its_own_lo
     drop(first);
     // The server rests in the pool for longer than the timeout before B gets it: B's idle
     // time starts at its login, not at the server's last use.
-    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
     let (b, b_conn) = common::connect_watched(&dsn).await;
-    for _ in 0..4 {
+    for _ in 0..7 {
         assert_eq!(simple_value(&b, "SELECT 1").await, "1");
         tokio::time::sleep(Duration::from_millis(400)).await;
     }
