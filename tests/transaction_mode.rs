@@ -258,15 +258,20 @@ async fn psycopg_and_asyncpg_run_prepared_statements_with_50_clients_over_5_serv
 }
 
 /// Both Python drivers at once, 32 clients over 4 servers that expire every second and keep two
-/// prepared statements each: prepared statements, pipelines, cursors, transactions, SETs,
-/// CopyFail, clients vanishing mid-result and clients cancelling their own queries. Each client
-/// checks every answer (tests/python_mixed, which passes against PostgreSQL directly too).
+/// prepared statements each, with idle timeouts set: prepared statements, pipelines, cursors,
+/// transactions, SETs, CopyFail, clients vanishing mid-result and clients cancelling their own
+/// queries. Each client checks every answer (tests/python_mixed, which passes against
+/// PostgreSQL directly too).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mixed_drivers_with_cancels_vanishing_clients_and_server_churn_never_disturb_each_other() {
     common::python::require_python_modules("psycopg, pytest, asyncpg");
     let env = transaction_env_with(4, |c| {
         c.prepared_statement_cache_size = 2;
         c.server_lifetime_ms = 1_000;
+        // Far above any pause of these clients: every client's idle timer is armed and moved
+        // all along, and must never close one.
+        c.idle_transaction_timeout_ms = 10_000;
+        c.client_idle_timeout_ms = 15_000;
     })
     .await;
     let dsn = env.app_dsn();
