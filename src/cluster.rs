@@ -107,10 +107,15 @@ impl NodeStatus {
         parse_lsn(self.diagnosis.replay_lsn.as_deref()?)
     }
 
-    /// The WAL position a standby has received, or replayed when the received one is unknown:
-    /// how candidates for promotion are compared.
+    /// How far a standby's WAL goes: the later of what it received and what it replayed. A
+    /// restarted standby reports as received the start of the WAL segment it resumed streaming
+    /// from (up to 16 MB before what it already replayed) until new WAL arrives. How
+    /// candidates for promotion are compared, and lag is measured.
     pub fn received_lsn(&self) -> Option<u64> {
-        self.lsn_value().or(self.replay_lsn_value())
+        match (self.lsn_value(), self.replay_lsn_value()) {
+            (Some(received), Some(replayed)) => Some(received.max(replayed)),
+            (received, replayed) => received.or(replayed),
+        }
     }
 
     pub fn target(&self) -> ServerTarget {

@@ -756,7 +756,7 @@ impl Controller {
         let reference = self.last_primary_lsn.or_else(|| {
             standbys
                 .iter()
-                .filter_map(|&i| self.topology.nodes[i].lsn_value())
+                .filter_map(|&i| self.topology.nodes[i].received_lsn())
                 .max()
         });
         let mut candidates = Vec::new();

@@ -1821,21 +1821,26 @@ async fn make_lag(primary: &PgNode, standby: &PgNode, label: &str) -> String {
     primary_lsn
 }
 
+/// A primary and one standby, failover on, with this `max_lag_bytes`.
+async fn one_standby(max_lag_bytes: u64) -> TestEnv {
+    TestEnv::start(
+        ClusterSpec {
+            standbys: 1,
+            ..ClusterSpec::default()
+        },
+        |c| {
+            failover_config(c);
+            c.failover.max_lag_bytes = max_lag_bytes;
+        },
+    )
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_standby_lagging_beyond_max_lag_bytes_is_never_promoted() {
     bounded("test", TEST_LIMIT, async {
         panic_watch::install();
-        let env = TestEnv::start(
-            ClusterSpec {
-                standbys: 1,
-                ..ClusterSpec::default()
-            },
-            |c| {
-                failover_config(c);
-                c.failover.max_lag_bytes = 1024;
-            },
-        )
-        .await;
+        let env = one_standby(1024).await;
         let env = &env;
         let (n0, n1) = (env.cluster.nodes[0].clone(), env.cluster.nodes[1].clone());
         let n1 = &n1;
@@ -1867,6 +1872,95 @@ async fn a_standby_lagging_beyond_max_lag_bytes_is_never_promoted() {
             "n1 must still be a standby"
         );
         assert_status_explains(env, "lag", "max_lag_bytes").await;
+        panic_watch::assert_no_proxy_panics();
+    })
+    .await
+}
+
+/// A standby restarted with nothing new to stream reports as received the start of the WAL
+/// segment it resumed streaming from, behind what it already replayed. It holds everything the
+/// primary wrote: its lag shows as 0, and it is promoted even with a `max_lag_bytes` smaller
+/// than that gap (before, pgswitch compared the received position alone and refused it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_standby_that_replayed_everything_is_not_taken_for_a_lagging_one() {
+    bounded("test", TEST_LIMIT, async {
+        panic_watch::install();
+        let max_lag: i64 = 256;
+        let env = one_standby(max_lag as u64).await;
+        let env = &env;
+        create_table(env).await;
+        wait_all_healthy(env).await;
+        let (n0, n1) = (env.cluster.nodes[0].clone(), env.cluster.nodes[1].clone());
+        let client = env.connect().await;
+        let mut gap = 0i64;
+        for round in 0..5i64 {
+            // WAL into the segment, so that its start lies well behind the end.
+            bounded(
+                "insert",
+                STEP,
+                client.batch_execute(&format!(
+                    "INSERT INTO t SELECT g FROM generate_series({0} * 1000 + 1, {0} * 1000 + 1000) g",
+                    round
+                )),
+            )
+            .await
+            .expect("insert through pgswitch");
+            wait_for("n1 replays it", Duration::from_secs(30), || async {
+                let row = sql_row(&n0, "SELECT pg_current_wal_lsn()::text").await?;
+                let want = row.first().cloned().flatten().unwrap_or_default();
+                let done = sql_row(&n1, &format!("SELECT pg_last_wal_replay_lsn() >= '{want}'"))
+                    .await?;
+                match done.first().cloned().flatten().as_deref() {
+                    Some("t") => Ok(()),
+                    other => Err(format!("n1 has not replayed {want}: {other:?}")),
+                }
+            })
+            .await;
+            let restart = n1.clone();
+            blocking("restart n1", move || {
+                restart.stop_fast()?;
+                restart.start()
+            })
+            .await;
+            wait_streams_from(&n1, &n0, Duration::from_secs(30)).await;
+            let row = sql_row(
+                &n1,
+                "SELECT pg_wal_lsn_diff(pg_last_wal_replay_lsn(), pg_last_wal_receive_lsn())::bigint",
+            )
+            .await
+            .expect("n1 answers");
+            gap = row
+                .first()
+                .cloned()
+                .flatten()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            println!("[restarted] round {round}: n1 replayed {gap} bytes past what it reports as received");
+            if gap > max_lag {
+                break;
+            }
+        }
+        assert!(
+            gap > max_lag,
+            "a restarted n1 never reported less received than replayed (gap {gap})"
+        );
+        wait_cycles(env, 2).await;
+        let status = status_json(env).await;
+        assert_eq!(
+            status["nodes"][1]["lag_bytes"],
+            serde_json::json!(0),
+            "n1 holds all the primary wrote: {status}"
+        );
+
+        blocking("kill n0", move || n0.kill9()).await;
+        wait_for("n1 promoted", Duration::from_secs(60), || async {
+            match env.proxy.cluster.current().primary {
+                Some(1) => Ok(()),
+                other => Err(format!("primary {other:?}")),
+            }
+        })
+        .await;
+        assert!(!in_recovery(&n1).await.expect("n1 answers"), "n1 is the primary");
         panic_watch::assert_no_proxy_panics();
     })
     .await
