@@ -111,7 +111,7 @@ impl NodeStatus {
     /// restarted standby reports as received the start of the WAL segment it resumed streaming
     /// from (up to 16 MB before what it already replayed) until new WAL arrives. How
     /// candidates for promotion are compared, and lag is measured.
-    pub fn received_lsn(&self) -> Option<u64> {
+    pub fn wal_position(&self) -> Option<u64> {
         match (self.lsn_value(), self.replay_lsn_value()) {
             (Some(received), Some(replayed)) => Some(received.max(replayed)),
             (received, replayed) => received.or(replayed),

@@ -756,7 +756,7 @@ impl Controller {
         let reference = self.last_primary_lsn.or_else(|| {
             standbys
                 .iter()
-                .filter_map(|&i| self.topology.nodes[i].received_lsn())
+                .filter_map(|&i| self.topology.nodes[i].wal_position())
                 .max()
         });
         let mut candidates = Vec::new();
@@ -773,7 +773,7 @@ impl Controller {
                     continue;
                 }
             }
-            let lsn = n.received_lsn().unwrap_or(0);
+            let lsn = n.wal_position().unwrap_or(0);
             let lag = reference.map_or(0, |p| p.saturating_sub(lsn));
             if lag > max_lag {
                 rejected.push(format!(
@@ -804,7 +804,7 @@ impl Controller {
                 .iter()
                 .filter_map(|&i| {
                     let n = &self.topology.nodes[i];
-                    let lsn = n.received_lsn()?;
+                    let lsn = n.wal_position()?;
                     (n.healthy && n.diagnosis.role == Role::Standby).then_some((i, lsn))
                 })
                 .collect();

@@ -106,20 +106,22 @@ pub struct Proxy {
 /// `idle_transaction_timeout_ms` and `client_idle_timeout_ms`, in microseconds (0: never).
 #[derive(Default)]
 pub struct IdleLimits {
-    /// Either is set: sessions look at their idle time at all.
-    pub on: std::sync::atomic::AtomicBool,
     pub transaction: AtomicU64,
     pub client: AtomicU64,
 }
 
 impl IdleLimits {
     fn set(&self, config: &Config) {
-        let transaction = config.idle_transaction_timeout_ms.saturating_mul(1_000);
-        let client = config.client_idle_timeout_ms.saturating_mul(1_000);
-        self.transaction.store(transaction, Ordering::Relaxed);
-        self.client.store(client, Ordering::Relaxed);
-        self.on
-            .store(transaction > 0 || client > 0, Ordering::Relaxed);
+        let ms = |ms: u64| ms.saturating_mul(1_000);
+        self.transaction
+            .store(ms(config.idle_transaction_timeout_ms), Ordering::Relaxed);
+        self.client
+            .store(ms(config.client_idle_timeout_ms), Ordering::Relaxed);
+    }
+
+    /// Either is set: sessions look at their idle time at all.
+    pub fn any(&self) -> bool {
+        self.transaction.load(Ordering::Relaxed) | self.client.load(Ordering::Relaxed) != 0
     }
 }
 

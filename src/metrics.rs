@@ -940,7 +940,7 @@ pub fn node_lag(topology: &Topology, index: usize) -> (Option<u64>, Option<u64>)
     if !node.healthy {
         return (None, None);
     }
-    (behind(node.received_lsn()), behind(node.replay_lsn_value()))
+    (behind(node.wal_position()), behind(node.replay_lsn_value()))
 }
 
 /// Sets the state gauges from the proxy and the topology; only through `scrape`, which takes
@@ -1144,8 +1144,8 @@ mod tests {
         assert_eq!(node_lag(&topology, 1), (Some(0x100), Some(0x1000100)));
         assert_eq!(node_lag(&topology, 2), (None, None));
         assert_eq!(node_lag(&topology, 3), (Some(0), Some(0)));
-        assert_eq!(topology.nodes[3].received_lsn(), Some(0x3000100));
-        assert_eq!(topology.nodes[1].received_lsn(), Some(0x3000000));
+        assert_eq!(topology.nodes[3].wal_position(), Some(0x3000100));
+        assert_eq!(topology.nodes[1].wal_position(), Some(0x3000000));
         assert_eq!(node_lag(&topology, 9), (None, None));
         let no_primary = Topology {
             primary: None,

@@ -87,8 +87,8 @@ struct Session {
     cancel: CancelKey,
     id: u64,
     _slot: OwnedSemaphorePermit,
-    /// Made when an idle timeout is configured (at login, or at the first idle moment after a
-    /// reload sets one): clients without carry 8 bytes for it.
+    /// Made at the client's first idle moment while an idle timeout is configured (from the
+    /// start, or since a reload set one): clients without carry 8 bytes for it.
     idle: Option<Box<IdleClock>>,
 }
 
@@ -152,9 +152,7 @@ impl ClientSession {
                         &mut armed,
                     ) {
                         Poll::Ready(event) => event,
-                        Poll::Pending if !s.proxy.idle_limits.on.load(Ordering::Relaxed) => {
-                            return Poll::Pending
-                        }
+                        Poll::Pending if !s.proxy.idle_limits.any() => return Poll::Pending,
                         Poll::Pending => RelayEvent::Idle(ready!(s.poll_idle(cx))),
                     };
                     match event {
@@ -242,11 +240,6 @@ impl Session {
         greeting.extend_from_slice(&server.conn.pending.split());
 
         let mut relay = Relay::new(&proxy, mode, wanted, &pool);
-        let idle = proxy
-            .idle_limits
-            .on
-            .load(Ordering::Relaxed)
-            .then(IdleClock::new);
         relay.to_client = greeting;
         relay.client_in = leftover;
         let server = match mode {
@@ -270,7 +263,7 @@ impl Session {
             cancel,
             id,
             _slot: slot,
-            idle,
+            idle: None,
         }))
     }
 
@@ -285,23 +278,16 @@ impl Session {
         let relay = &self.relay;
         // A server's last answer counts only from when this client got it: a server that
         // rested in the pool was idle, not the client.
-        let (kind, limit, since) = match &self.server {
-            Some(s) if relay.server_status != b'I' => (
-                IdleTimeout::Transaction,
-                limits.transaction.load(Ordering::Relaxed),
-                s.conn.last_used.max(idle.since),
-            ),
-            Some(s) => (
-                IdleTimeout::Session,
-                limits.client.load(Ordering::Relaxed),
-                s.conn.last_used.max(idle.since),
-            ),
-            None => (
-                IdleTimeout::Session,
-                limits.client.load(Ordering::Relaxed),
-                idle.since,
-            ),
+        let since = match &self.server {
+            Some(s) => s.conn.last_used.max(idle.since),
+            None => idle.since,
         };
+        let (kind, limit) = if self.server.is_some() && relay.server_status != b'I' {
+            (IdleTimeout::Transaction, &limits.transaction)
+        } else {
+            (IdleTimeout::Session, &limits.client)
+        };
+        let limit = limit.load(Ordering::Relaxed);
         if limit == 0
             || relay.client_done
             || !relay.client_in.is_empty()

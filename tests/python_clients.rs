@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::python::{report_pytest, require_python_modules, run_pytest};
+use common::python::{pytest, require_python_modules};
 use common::TestEnv;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -11,9 +11,5 @@ async fn psycopg_clients_work_through_pgswitch() {
     require_python_modules("psycopg, pytest");
     let env = TestEnv::session_mode().await;
     let dsn = env.app_dsn();
-    let output = tokio::task::spawn_blocking(move || run_pytest("tests/python", dsn))
-        .await
-        .expect("pytest task")
-        .unwrap_or_else(|e| panic!("cannot run python3 -m pytest: {e}"));
-    report_pytest("tests/python", &output);
+    pytest("tests/python", dsn).await;
 }

@@ -115,14 +115,11 @@ impl TestEnv {
 /// Connects with tokio-postgres to `dsn` (pgswitch's, from [`TestEnv::app_dsn`]) and drives the
 /// connection in a task of its own; usable from tasks that cannot borrow the `TestEnv`.
 pub async fn connect(dsn: &str) -> tokio_postgres::Client {
-    let (client, connection) = tokio_postgres::connect(dsn, tokio_postgres::NoTls)
-        .await
-        .expect("connect through pgswitch");
-    tokio::spawn(connection);
-    client
+    // The connection's task runs on when its handle is dropped.
+    connect_watched(dsn).await.0
 }
 
-/// A client connection whose connection task's end (and error) the test can await.
+/// [`connect`], with the handle of the connection's task: its end (and error) can be awaited.
 pub async fn connect_watched(
     dsn: &str,
 ) -> (

@@ -62,6 +62,16 @@ pub fn run_pytest(dir: &str, dsn: String) -> std::io::Result<Output> {
     output
 }
 
+/// Runs the pytest files of `dir` against `dsn` off the runtime's threads and reports them
+/// (see [`report_pytest`]): fails the test when pytest cannot run or fails.
+pub async fn pytest(dir: &'static str, dsn: String) {
+    let output = tokio::task::spawn_blocking(move || run_pytest(dir, dsn))
+        .await
+        .expect("pytest task")
+        .unwrap_or_else(|e| panic!("cannot run python3 -m pytest: {e}"));
+    report_pytest(dir, &output);
+}
+
 /// Prints pytest's output straight to the process's stderr, past the test harness's capture,
 /// so every Python test that ran shows in the output of `cargo test`, passing or not; then
 /// fails when pytest did.
