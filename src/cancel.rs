@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::Waker;
 
 use tracing::{debug, info};
 
@@ -30,6 +31,9 @@ struct Current {
     target: Option<Arc<CancelTarget>>,
     /// A cancel request was forwarded to `target`: becomes true once PostgreSQL has it.
     forwarded: Option<CancelForwarded>,
+    /// Wakes the client's session, so that it looks at limits a reload changed (see
+    /// `CancelRegistry::wake_all`). Set once, when the session starts relaying.
+    session: Option<Waker>,
 }
 
 /// Tells the holder of a server that a cancel request was forwarded to it, and when PostgreSQL
@@ -56,6 +60,11 @@ impl CancelSlot {
         // The old target is dropped after the lock is released.
         let _old = std::mem::replace(&mut current.target, target);
         current.forwarded.take()
+    }
+
+    /// Remembers the task of the client's session, for `CancelRegistry::wake_all`.
+    pub fn set_waker(&self, waker: &Waker) {
+        self.lock().session = Some(waker.clone());
     }
 
     /// The current target, marked as cancelled: the holder of the server learns about it when
@@ -122,6 +131,21 @@ impl CancelRegistry {
             secret,
             slot,
             registry: self.clone(),
+        }
+    }
+
+    /// Wakes every client's session once: a reload changed a limit that sessions check when they
+    /// are polled (the idle timeouts), and a client that already sits idle must not wait for its
+    /// next request to see it. A session woken with nothing to do looks at its limits and goes
+    /// back to waiting.
+    pub fn wake_all(&self) {
+        let wakers: Vec<Waker> = self
+            .lock()
+            .values()
+            .filter_map(|entry| entry.slot.lock().session.clone())
+            .collect();
+        for waker in wakers {
+            waker.wake();
         }
     }
 

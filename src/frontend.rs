@@ -234,8 +234,15 @@ impl Proxy {
                 new.server_tls,
             );
         }
+        let idle_changed = (old.idle_transaction_timeout_ms, old.client_idle_timeout_ms)
+            != (new.idle_transaction_timeout_ms, new.client_idle_timeout_ms);
         self.idle_limits.set(&live.config);
         *self.live.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(live);
+        if idle_changed {
+            // Clients idle since before the reload are timed from now, not from their next
+            // request.
+            self.cancels.wake_all();
+        }
         info!(restart_needed = ?restart, "configuration reloaded");
         restart
     }

@@ -136,6 +136,12 @@ impl ClientSession {
     /// Relays until the client leaves.
     pub async fn run(self) {
         let mut session = self.0;
+        // A reload that changes the idle timeouts wakes the session through its cancel slot.
+        std::future::poll_fn(|cx| {
+            session.cancel.slot.set_waker(cx.waker());
+            Poll::Ready(())
+        })
+        .await;
         loop {
             let s = &mut *session;
             // The two events of every transaction (a server taken without waiting, a server

@@ -873,25 +873,36 @@ async fn idle_clients_are_closed_after_their_timeouts_and_free_their_server() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_sets_the_idle_timeouts_for_clients_already_connected() {
-    let env = transaction_env(2).await;
+    let env = transaction_env(3).await;
     let dsn = env.app_dsn();
     let (a, a_conn) = connect_watched(&dsn).await;
+    let (b, b_conn) = connect_watched(&dsn).await;
+    let (c, c_conn) = connect_watched(&dsn).await;
     let (d, d_conn) = connect_watched(&dsn).await;
     a.simple_query("CREATE TABLE idle_r (n int)")
         .await
         .expect("create table");
+    // B sits in a transaction and C between transactions since before the reload, and neither
+    // sends anything after it.
+    b.simple_query("BEGIN; INSERT INTO idle_r VALUES (2)")
+        .await
+        .expect("B's transaction");
+    c.simple_query("SELECT 1").await.expect("C's query");
     let mut config = Config::clone(&env.proxy.proxy.config());
     config.idle_transaction_timeout_ms = 300;
     config.client_idle_timeout_ms = 1_000;
     let restart = env.proxy.reload(config).expect("reload");
     assert!(restart.is_empty(), "nothing needs a restart: {restart:?}");
-    // Both logged in before the reload; from their next request on, the timeouts hold.
+    // A and D send their next request after the reload.
     a.simple_query("BEGIN; INSERT INTO idle_r VALUES (1)")
         .await
         .expect("A's transaction");
     d.simple_query("SELECT 1").await.expect("D's query");
     assert_eq!(ended_with("A", a_conn).await, "25P03");
     assert_eq!(ended_with("D", d_conn).await, "57P05");
+    // The reload woke the two already idle: they are timed from it.
+    assert_eq!(ended_with("B", b_conn).await, "25P03");
+    assert_eq!(ended_with("C", c_conn).await, "57P05");
     let check = env.connect().await;
     assert_eq!(
         simple_value(&check, "SELECT count(*) FROM idle_r").await,
