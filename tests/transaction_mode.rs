@@ -270,7 +270,25 @@ async fn mixed_drivers_with_cancels_vanishing_clients_and_server_churn_never_dis
     })
     .await;
     let dsn = env.app_dsn();
-    common::python::pytest("tests/python_mixed", dsn).await;
+    // Meanwhile a reload every 250 ms moves the idle timeouts (still far above any pause), and so
+    // wakes every session, whatever it is doing: none may be disturbed or closed.
+    let reloads = std::sync::atomic::AtomicU32::new(0);
+    let reloading = async {
+        loop {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            let n = reloads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let mut config = Config::clone(&env.proxy.proxy.config());
+            config.idle_transaction_timeout_ms = 10_000 + u64::from(n % 2) * 1_000;
+            config.client_idle_timeout_ms = 15_000 + u64::from(n % 2) * 1_000;
+            env.proxy.reload(config).expect("reload");
+        }
+    };
+    tokio::select! {
+        () = common::python::pytest("tests/python_mixed", dsn) => {}
+        () = reloading => unreachable!("reloads until the run ends"),
+    }
+    let reloads = reloads.into_inner();
+    assert!(reloads >= 40, "only {reloads} reloads during the 20 s run");
     // The 20 s run kept to its 4 servers, and replaced them as they reached their lifetime.
     let servers = app_backends(&env);
     assert!(
