@@ -500,13 +500,10 @@ impl Session {
             RelayEvent::ServerIdle => self.relearn_and_release().await,
             RelayEvent::NeedServer => Flow::Continue,
             RelayEvent::ClientLeft | RelayEvent::ClientGone(_) => {
-                let cancelled = self.cancel.slot.set(None);
                 if let RelayEvent::ClientGone(e) = &end {
                     debug!(client = id, error = %e, "client connection lost");
                 }
-                if let Some(s) = self.server.take() {
-                    return_server(&self.proxy, s, &self.relay, cancelled).await;
-                }
+                self.give_back_server().await;
                 Flow::End
             }
             RelayEvent::ClientProtocol(e) => {
@@ -528,13 +525,19 @@ impl Session {
                 };
                 // Nothing is in flight: the server goes back after a ROLLBACK (or its reset),
                 // first, for the clients waiting for it; then the client gets its error.
-                let cancelled = self.cancel.slot.set(None);
-                if let Some(s) = self.server.take() {
-                    return_server(&self.proxy, s, &self.relay, cancelled).await;
-                }
+                self.give_back_server().await;
                 refuse(&mut self.stream, &error).await;
                 Flow::End
             }
+        }
+    }
+
+    /// The client is done with its server for good: cancels no longer reach it, and it goes
+    /// back to its pool (see `return_server`).
+    async fn give_back_server(&mut self) {
+        let cancelled = self.cancel.slot.set(None);
+        if let Some(s) = self.server.take() {
+            return_server(&self.proxy, s, &self.relay, cancelled).await;
         }
     }
 
