@@ -62,11 +62,12 @@ log "PgBouncer on port $PGB_PORT, pgswitch on port $SW_PORT ($PGSWITCH_BUILD)"
 start_pgbouncer
 start_pgswitch
 
-# Voluntary and involuntary context switches of all the process's threads so far.
+# The time (s), and the voluntary and involuntary context switches of all the process's threads
+# so far.
 switches() { # pid
-    cat /proc/"$1"/task/*/status 2>/dev/null | awk '
+    cat /proc/"$1"/task/*/status 2>/dev/null | awk -v now="$(date +%s.%N)" '
         /^voluntary_ctxt_switches/ { v += $2 } /^nonvoluntary_ctxt_switches/ { n += $2 }
-        END { print v, n }'
+        END { print now, v, n }'
 }
 
 # One profiled run: writes $WORK/NAME.{pgbench,stat,data}.
@@ -111,7 +112,8 @@ def run(name):
     rates = [float(m.group(2)) for m in re.finditer(
         r"progress: ([\d.]+) s, ([\d.]+) tps", open(f"{work}/{name}.pgbench").read())]
     window = rates[2:2 + secs] or rates
-    tx = statistics.mean(window) * secs
+    rate = statistics.mean(window)
+    tx = rate * secs
     stat = {}
     for line in open(f"{work}/{name}.stat"):
         f = line.split(",")
@@ -131,10 +133,13 @@ def run(name):
         else:
             user += share
     total = user + kernel or 1
-    (v0, n0), (v1, n1) = [map(int, l.split()) for l in open(f"{work}/{name}.switches")]
-    return dict(tps=tx / secs, cpu=cpu_us, user=cpu_us * user / total,
+    # /proc's counts span their own window, a little longer than perf's.
+    (t0, v0, n0), (t1, v1, n1) = [map(float, l.split()) for l in open(f"{work}/{name}.switches")]
+    proc_tx = rate * (t1 - t0)
+    return dict(tps=rate, cpu=cpu_us, user=cpu_us * user / total,
                 kernel=cpu_us * kernel / total, switch=cpu_us * switch / total,
-                cs=stat["context-switches"] / tx, vol=(v1 - v0) / tx, invol=(n1 - n0) / tx)
+                cs=stat["context-switches"] / tx, vol=(v1 - v0) / proc_tx,
+                invol=(n1 - n0) / proc_tx)
 
 print()
 print(f"pgbench -S, {secs} s profiled per run, {rounds} round(s) interleaved, median per proxy;")
